@@ -1,0 +1,38 @@
+"""Settings base: 12-factor, one env prefix per service (GATEWAY_, AUTH_, ...)."""
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has. Subclasses set `model_config = service_config("GATEWAY_")`."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    service_name: str = "aistack"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+    # One REDIS_URL / DATABASE_URL for the stack (unprefixed, DESIGN.md); services isolate
+    # themselves by Postgres schema and Redis key prefix.
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("redis_url", "REDIS_URL"))
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("database_url", "DATABASE_URL")
+    )
+    # Readiness thresholds: a saturated node should stop taking traffic before it falls over.
+    ready_max_cpu_percent: float = 95.0
+    ready_max_memory_percent: float = 95.0
+    ready_check_timeout_s: float = 2.0
+    http_timeout_s: float = 10.0
+
+    def require(self, field: str) -> str:
+        """A dependency URL the service cannot run without: fail at start with the variable to set."""
+        value = getattr(self, field)
+        if not value:
+            raise RuntimeError(f"{self.service_name} needs {field.upper()} to be set")
+        return value
+
+
+def service_config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, extra="ignore")

@@ -1,0 +1,185 @@
+"""Run the whole stack as local processes: what `aistack up` and the e2e tests both use.
+
+Starts embedded PostgreSQL and Redis when no URLs are given, migrates, builds the default
+models, starts every service and a Celery worker, and waits until each /ready says 200.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+DEFAULT_PORTS = {"gateway": 8000, "auth": 8001, "orchestrator": 8002, "model": 8003, "features": 8004,
+                 "pipeline": 9100}
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    ready_url: str | None
+    log_path: Path
+    popen: subprocess.Popen | None = None
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Stack:
+    data_dir: Path
+    database_url: str | None = None
+    redis_url: str | None = None
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    host: str = "127.0.0.1"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    worker: bool = True
+    procs: list[Proc] = field(default_factory=list)
+    _embedded: list = field(default_factory=list)
+
+    def url(self, service: str) -> str:
+        return f"http://{self.host}:{self.ports[service]}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self, ready_timeout: float = 180.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_datastores()
+            from services.chassis.migrate import upgrade_all
+            from services.model.build import build
+
+            upgrade_all(self.database_url)
+            build(self.models_dir)
+            for proc in self._plan():
+                self._spawn(proc)
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_datastores(self) -> None:
+        if self.database_url and self.redis_url:
+            return
+        from services.chassis import embedded
+
+        if not self.database_url:
+            pg = embedded.EmbeddedPostgres(self.data_dir / "postgres")
+            self._embedded.append(pg)
+            self.database_url = ensure_database(pg.start(), "aistack")
+        if not self.redis_url:
+            rd = embedded.EmbeddedRedis(self.data_dir / "redis")
+            self._embedded.append(rd)
+            self.redis_url = rd.start()
+
+    def _plan(self) -> list[Proc]:
+        logs = self.data_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        base = {**os.environ, "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
+                "PYTHONUNBUFFERED": "1", **self.extra_env}
+        wiring = {
+            "gateway": {"GATEWAY_ORCHESTRATOR_URLS": self.url("orchestrator"), "GATEWAY_AUTH_URL": self.url("auth"),
+                        "GATEWAY_FEATURES_URL": self.url("features")},
+            "auth": {},
+            "orchestrator": {"ORCHESTRATOR_MODEL_URL": self.url("model"),
+                             "ORCHESTRATOR_FEATURES_URL": self.url("features")},
+            "model": {"MODEL_REPOSITORY": str(self.models_dir)},
+            "features": {},
+            "pipeline": {"PIPELINE_MODEL_URL": self.url("model"), "PIPELINE_FEATURES_URL": self.url("features")},
+        }
+        procs = []
+        # Start the leaves first so that the services that call them become ready sooner.
+        for name in ("model", "features", "auth", "orchestrator", "gateway", "pipeline"):
+            prefix = name.upper() + "_"
+            env = {**base, **wiring[name], f"{prefix}HOST": self.host, f"{prefix}PORT": str(self.ports[name]),
+                   "OTEL_SERVICE_NAME": name}
+            procs.append(Proc(name, [sys.executable, "-m", f"services.{name}"], env,
+                              f"{self.url(name)}/ready", logs / f"{name}.log"))
+        if self.worker:
+            env = {**procs[-1].env, "OTEL_SERVICE_NAME": "pipeline-worker"}
+            procs.append(Proc("worker", [sys.executable, "-m", "services.pipeline", "worker"], env, None,
+                              logs / "worker.log"))
+        return procs
+
+    def _spawn(self, proc: Proc) -> None:
+        log = proc.log_path.open("ab")
+        # Own session: a Ctrl-C in the terminal reaches us, and we stop children in order.
+        proc.popen = subprocess.Popen(proc.argv, env=proc.env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = [p for p in self.procs if p.ready_url]
+        with httpx.Client(timeout=2.0) as client:
+            while pending:
+                for proc in list(pending):
+                    if proc.popen.poll() is not None:
+                        raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+                    try:
+                        if client.get(proc.ready_url).status_code == 200:
+                            pending.remove(proc)
+                    except httpx.HTTPError:
+                        pass
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(p.name for p in pending)
+                    raise TimeoutError(f"not ready after {timeout:.0f}s: {names}\n{pending[0].tail()}")
+                if pending:
+                    time.sleep(0.2)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM every process group, wait, then SIGKILL what is left; then the datastores."""
+        for proc in reversed(self.procs):
+            _signal_group(proc.popen, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in reversed(self.procs):
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc.popen, signal.SIGKILL)
+            proc.popen.wait()
+        self.procs.clear()
+        for server in reversed(self._embedded):
+            server.stop()
+        self._embedded.clear()
+
+
+def _signal_group(popen: subprocess.Popen | None, sig: int) -> None:
+    if popen is None:
+        return
+    try:
+        os.killpg(popen.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def ensure_database(server_url: str, name: str) -> str:
+    """Create database `name` on the server if missing and return its URL."""
+    import asyncpg
+
+    async def run():
+        conn = await asyncpg.connect(server_url)
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+                await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    return server_url.rsplit("/", 1)[0] + f"/{name}"

@@ -1,0 +1,1 @@
+"""The seeded synthetic world the demo models and the feature store share."""

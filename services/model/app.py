@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.chassis.app import create_service_app
+from services.chassis.health import add_ready_check
+
+from .api import router
+from .service import DataPlane
+from .settings import ModelSettings
+
+
+def create_app(settings: ModelSettings | None = None) -> FastAPI:
+    settings = settings or ModelSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        plane = DataPlane(settings.repository)
+        plane.load_all()
+        app.state.plane = plane
+
+        async def models_loaded():
+            if not plane.all_ready:
+                bad = [f"{m['name']}/{m['version']}: {m['reason'] or 'unavailable'}"
+                       for m in plane.index() if m["state"] != "READY"] or ["repository is empty"]
+                raise RuntimeError("; ".join(bad))
+
+        add_ready_check(app, "models", models_loaded)
+        yield
+
+    app = create_service_app(settings, title="aistack model server",
+                             description="Open Inference Protocol v2 model server.", lifespan=lifespan)
+    app.include_router(router)
+    return app
