@@ -74,5 +74,23 @@ def models_build(
     typer.echo("built: " + (", ".join(built) if built else "nothing (all present; --force rebuilds)"))
 
 
+# Each service may add its own command group in services/<name>/cli.py (a typer.Typer named `app`).
+PLUGINS = ("auth", "features", "pipeline")
+
+
+def _register_plugins() -> None:
+    import importlib
+
+    for name in PLUGINS:
+        try:
+            module = importlib.import_module(f"services.{name}.cli")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"services.{name}.cli":
+                raise
+            continue
+        app.add_typer(module.app, name=getattr(module, "NAME", name))
+
+
 def main() -> None:
+    _register_plugins()
     app()

@@ -1,0 +1,124 @@
+"""Shared fixtures: real PostgreSQL and Redis, isolated per test run, cleaned up afterwards.
+
+TEST_DATABASE_URL / TEST_REDIS_URL point at existing servers (CI on this machine sets them);
+without them, embedded servers start once per test session.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("embedded")
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(embedded_dir):
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from services.chassis.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(embedded_dir / "postgres")
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(embedded_dir):
+    url = os.environ.get("TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    from services.chassis.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(embedded_dir / "redis")
+    yield server.start()
+    server.stop()
+
+
+async def _admin(server_url: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _with_db(url: str, name: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server_url):
+    """A fresh database for this test run, migrated to head, dropped at the end."""
+    from services.chassis.migrate import upgrade_all
+
+    name = f"aistack_test_{os.getpid()}_{secrets.token_hex(3)}"
+    asyncio.run(_admin(postgres_server_url, f'CREATE DATABASE "{name}"'))
+    url = _with_db(postgres_server_url, name)
+    upgrade_all(url)
+    yield url
+    asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server_url):
+    """An empty Redis db number of our own for this run, flushed at the end."""
+    import redis
+
+    base = redis_server_url.rsplit("/", 1)[0] if redis_server_url.count("/") > 2 else redis_server_url
+    candidates = list(range(1, 16))
+    secrets.SystemRandom().shuffle(candidates)
+    for db in candidates:
+        client = redis.Redis.from_url(f"{base}/{db}")
+        # Claim the db atomically so two concurrent runs never share one.
+        if client.dbsize() == 0 and client.set("aistack:test-claim", os.getpid(), nx=True):
+            break
+        client.close()
+    else:
+        pytest.fail("no empty Redis database (1-15) to isolate this test run")
+    yield f"{base}/{db}"
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    from services.model.build import build
+
+    root = tmp_path_factory.mktemp("models")
+    build(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, database_url, redis_url, models_dir):
+    """The whole stack as separate processes on free ports (what `aistack up` runs)."""
+    from services.cli.stack import DEFAULT_PORTS, Stack
+
+    data_dir = tmp_path_factory.mktemp("stack")
+    (data_dir / "models").symlink_to(models_dir)
+    s = Stack(data_dir, database_url=database_url, redis_url=redis_url,
+              ports={name: free_port() for name in DEFAULT_PORTS})
+    s.start()
+    yield s
+    s.stop()
