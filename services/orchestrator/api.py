@@ -1,24 +1,112 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+import base64
+import math
+import time
 
-from services.chassis.errors import error_body
+import numpy as np
+from fastapi import APIRouter, Response
 
-from .deps import PredictorDep
-from .schemas import PredictRequest, PredictResponse
+from services.chassis.errors import AppError, error_body
+
+from .deps import Policies, PredictorDep, Principal, UseCache
+from .schemas import (EmbeddingsRequest, FeedbackRequest, FeedbackResponse, PolicyRecord, PolicyUpdate,
+                      PredictRequest, PredictResponse, RollbackRequest)
 
 router = APIRouter(prefix="/v1", tags=["predict"])
+admin = APIRouter(prefix="/admin", tags=["admin"])
 
 _ERRORS = {code: {"description": desc, "content": {"application/json": {"example": error_body("...", desc)}}}
-           for code, desc in [(404, "unknown model"), (422, "invalid or missing features"),
+           for code, desc in [(404, "unknown model or prediction"), (422, "invalid or missing features"),
                               (503, "model server unavailable")]}
+
+
+def _timing(response: Response, started: float) -> None:
+    response.headers["Server-Timing"] = f"orchestrator;dur={(time.perf_counter() - started) * 1000:.2f}"
 
 
 @router.post("/predict/{model}", response_model=PredictResponse, response_model_exclude_none=True,
              responses=_ERRORS)
-async def predict(model: str, body: PredictRequest, predictor: PredictorDep) -> dict:
-    result = await predictor.predict(model, body.rows, body.version)
-    rows = result.pop("rows")
+async def predict(model: str, body: PredictRequest, predictor: PredictorDep, principal: Principal,
+                  use_cache: UseCache, response: Response) -> dict:
+    started = time.perf_counter()
+    out = await predictor.predict(model, body.rows, principal, body.version, use_cache)
+    _timing(response, started)
+    result = {"prediction_id": out.prediction_id, "model": out.model, "version": out.version, "cached": out.cached}
     if body.inputs is not None:
-        return {**result, "outputs": rows[0]}
-    return {**result, "predictions": rows}
+        return {**result, "outputs": out.rows[0]}
+    return {**result, "predictions": out.rows}
+
+
+@router.post("/embeddings", responses=_ERRORS)
+async def embeddings(body: EmbeddingsRequest, predictor: PredictorDep, principal: Principal,
+                     use_cache: UseCache, response: Response) -> dict:
+    """OpenAI-compatible embeddings: the official `openai` SDK works against it unchanged."""
+    started = time.perf_counter()
+    model, _, version = body.model.partition(":")
+    texts = body.texts
+    out = await predictor.predict(model, [{"text": t} for t in texts], principal, version or None, use_cache)
+    data = []
+    for i, row in enumerate(out.rows):
+        if "embedding" not in row:
+            raise AppError(422, "not_an_embedding_model", f"model '{model}' does not return embeddings")
+        vector = row["embedding"]
+        if body.dimensions:
+            vector = vector[: body.dimensions]
+            norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+            vector = [x / norm for x in vector]
+        if body.encoding_format == "base64":
+            vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    tokens = sum(approx_tokens(t) for t in texts)
+    _timing(response, started)
+    response.headers["X-Prediction-Id"] = out.prediction_id
+    return {"object": "list", "data": data, "model": body.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def approx_tokens(text: str) -> int:
+    """About four characters a token, as OpenAI's own rule of thumb; good enough for usage."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+@router.post("/feedback", response_model=FeedbackResponse, status_code=202, responses=_ERRORS)
+async def feedback(body: FeedbackRequest, predictor: PredictorDep, principal: Principal) -> dict:
+    return await predictor.feedback(body.prediction_id, body.label, principal, body.row)
+
+
+# -- admin ---------------------------------------------------------------------------------------
+@admin.get("/models/{model}/policy")
+async def get_policy(model: str, policies: Policies) -> dict:
+    return {"model": model, "policy": policies.get(model).model_dump()}
+
+
+@admin.put("/models/{model}/policy", response_model=PolicyRecord)
+async def set_policy(model: str, body: PolicyUpdate, policies: Policies, predictor: PredictorDep,
+                     principal: Principal) -> dict:
+    for version in sorted(body.policy.versions()):
+        try:
+            await predictor.models.metadata(model, version)
+        except AppError as exc:
+            raise AppError(422, "unknown_version", f"model '{model}' version '{version}': {exc.message}") from None
+    return await policies.set(model, body.policy, principal, body.reason)
+
+
+@admin.get("/models/{model}/policy/history", response_model=list[PolicyRecord])
+async def policy_history(model: str, policies: Policies) -> list[dict]:
+    return await policies.history(model)
+
+
+@admin.post("/models/{model}/policy/rollback", response_model=PolicyRecord)
+async def rollback_policy(model: str, body: RollbackRequest, policies: Policies, principal: Principal) -> dict:
+    return await policies.rollback(model, body.to, principal)
+
+
+@admin.get("/cache/stats")
+async def cache_stats(predictor: PredictorDep) -> dict:
+    return {"replica_counts": await predictor.cache.stats()}
+
+
+@admin.delete("/cache/{model}")
+async def flush_cache(model: str, predictor: PredictorDep) -> dict:
+    return {"model": model, "deleted": await predictor.cache.flush(model)}

@@ -9,9 +9,11 @@ from services.chassis.clients import http_client
 from services.chassis.health import add_ready_check
 from services.chassis.resources import redis_and_postgres
 
-from .api import router
-from .service import ModelGateway, Predictor
+from .api import admin, router
+from .cache import ResponseCache
+from .service import FeatureClient, ModelGateway, Predictor
 from .settings import OrchestratorSettings
+from .store import PolicyStore
 
 
 def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
@@ -20,19 +22,37 @@ def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         model_http = http_client(settings.model_url, timeout=settings.http_timeout_s)
-        app.state.predictor = Predictor(ModelGateway(model_http, settings.metadata_ttl_s), settings.max_batch_rows)
-
-        async def model_server():
-            (await model_http.get("/v2/health/live")).raise_for_status()
-
-        add_ready_check(app, "model", model_server)
+        features_http = http_client(settings.features_url, timeout=settings.http_timeout_s)
         async with redis_and_postgres(app, settings):
+            policies = PolicyStore(app.state.engine, app.state.redis)
+            try:
+                await policies.load()
+            except Exception:  # the listener keeps retrying; start serving with default policies
+                pass
+            policies.start(settings.policy_reload_s)
+            predictor = Predictor(
+                ModelGateway(model_http, settings.metadata_ttl_s), FeatureClient(features_http),
+                ResponseCache(app.state.redis), policies, app.state.redis,
+                max_batch_rows=settings.max_batch_rows, log_maxlen=settings.prediction_log_maxlen,
+                index_ttl_s=settings.feedback_window_s,
+            )
+            app.state.predictor, app.state.policies = predictor, policies
+
+            async def model_server():
+                (await model_http.get("/v2/health/live")).raise_for_status()
+
+            add_ready_check(app, "model", model_server)
             try:
                 yield
             finally:
+                await policies.stop()
+                await predictor.drain()
                 await model_http.aclose()
+                await features_http.aclose()
 
     app = create_service_app(settings, title="aistack orchestrator",
-                             description="The prediction path: routing, caching, enrichment.", lifespan=lifespan)
+                             description="The prediction path: routing policy, cache, features, log.",
+                             lifespan=lifespan)
     app.include_router(router)
+    app.include_router(admin)
     return app

@@ -2,13 +2,30 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from .service import Predictor
+from .store import PolicyStore
 
 
 def _predictor(request: Request) -> Predictor:
     return request.app.state.predictor
 
 
+def _policies(request: Request) -> PolicyStore:
+    return request.app.state.policies
+
+
+def _principal(x_principal: Annotated[str | None, Header(include_in_schema=False)] = None) -> str:
+    """Set by the gateway after authentication (it strips any value a client sends)."""
+    return x_principal or "anonymous"
+
+
+def _use_cache(cache_control: Annotated[str | None, Header(include_in_schema=False)] = None) -> bool:
+    return "no-cache" not in (cache_control or "").lower()
+
+
 PredictorDep = Annotated[Predictor, Depends(_predictor)]
+Policies = Annotated[PolicyStore, Depends(_policies)]
+Principal = Annotated[str, Depends(_principal)]
+UseCache = Annotated[bool, Depends(_use_cache)]

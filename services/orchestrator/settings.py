@@ -13,3 +13,8 @@ class OrchestratorSettings(ServiceSettings):
     # Model metadata (input names and types) changes only on deploys; refresh it this often.
     metadata_ttl_s: float = 30.0
     max_batch_rows: int = 1000
+    # The prediction stream is bounded; the pipeline persists it long before this many entries.
+    prediction_log_maxlen: int = 1_000_000
+    # How long a prediction id accepts feedback.
+    feedback_window_s: int = 7 * 86400
+    policy_reload_s: float = 30.0
