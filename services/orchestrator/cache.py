@@ -86,6 +86,8 @@ class ResponseCache:
             return await compute(), "miss"
         try:
             value = await compute()
+            if isinstance(value, dict) and value.get("fallback"):
+                return value, "miss"  # a degraded answer must not outlive the failure
             try:
                 await self.redis.set(data_key, orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY), ex=ttl_s)
             except aioredis.RedisError as exc:

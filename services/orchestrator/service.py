@@ -179,13 +179,15 @@ class Predictor:
             log.warning("version failed, using fallback",
                         extra={"model": model, "versions": versions, "fallback": fallback, "error": exc.message})
             FALLBACKS.labels(model, ",".join(versions), fallback).inc()
-            return {"version": fallback, "rows": await self._infer_one(model, fallback, rows, policy.timeout_s)}
+            # The last resort gets the client's full timeout, and its answer is not cached.
+            return {"version": fallback, "rows": await self._infer_one(model, fallback, rows, None),
+                    "fallback": True}
         if len(versions) == 1:
             return {"version": versions[0], "rows": per_version[0]}
         label = f"ensemble({','.join(versions)}:{policy.ensemble.method})"
         return {"version": label, "rows": combine(policy.ensemble.method, per_version)}
 
-    async def _infer_one(self, model: str, version: str, rows: list[dict], timeout: float) -> list[dict]:
+    async def _infer_one(self, model: str, version: str, rows: list[dict], timeout: float | None) -> list[dict]:
         meta = await self.models.metadata(model, version)
         response = await self.models.infer(model, version, encode_rows(meta, rows), timeout)
         return decode_rows(response)
