@@ -54,3 +54,27 @@ def transactions(n: int = 20_000, seed: int = 42) -> tuple[np.ndarray, np.ndarra
     y = (rng.uniform(size=n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
     x = np.column_stack([amount] + [cust[f] for f in CUSTOMER_FEATURES]).astype(np.float32)
     return x, y
+
+
+def customer_history(n: int, snapshots: int = 4, seed: int = 7) -> list[dict[str, np.ndarray]]:
+    """Daily snapshots of customer features, oldest first; the last is exactly customer_profiles(n, seed).
+
+    Earlier days vary the activity features around each customer's profile (the feature store's
+    seeded history, so point-in-time retrieval has something to choose between).
+    """
+    base = customer_profiles(n, seed)
+    rng = np.random.default_rng(seed + 1000)
+    history = []
+    for days_before in range(snapshots - 1, 0, -1):
+        count = rng.poisson(np.maximum(base["txn_count_24h"], 0.5)).astype(np.float32)
+        avg = (base["avg_amount_30d"] * rng.uniform(0.9, 1.1, n)).astype(np.float32)
+        history.append({
+            "txn_count_24h": count,
+            "txn_amount_24h": (count * avg * rng.uniform(0.5, 1.5, n)).astype(np.float32),
+            "avg_amount_30d": avg,
+            "account_age_days": np.maximum(base["account_age_days"] - days_before, 1).astype(np.float32),
+            "chargebacks_90d": base["chargebacks_90d"].copy(),
+            "distinct_merchants_7d": rng.poisson(np.maximum(base["distinct_merchants_7d"], 0.5)).astype(np.float32),
+        })
+    history.append(base)
+    return history
