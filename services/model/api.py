@@ -1,12 +1,11 @@
 """Open Inference Protocol v2 over REST (the KServe/Triton protocol), errors as {"error": msg}."""
 from __future__ import annotations
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .deps import Plane
-from .service import V2Error
+from .service import HEADER_LENGTH, V2Error, encode_infer_body, parse_infer_body
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -30,11 +29,6 @@ def v2_error(exc: V2Error) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
 
-def _json(body: dict, status: int = 200) -> Response:
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json")
-
-
 @router.get("/health/live")
 async def live() -> dict:
     return {"live": True}
@@ -48,7 +42,7 @@ async def server_ready(plane: Plane):
 
 @router.get("")
 async def server_metadata() -> dict:
-    return {"name": "aistack-model", "version": "0.1.0", "extensions": []}
+    return {"name": "aistack-model", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/models/{model}")
@@ -75,11 +69,24 @@ async def model_ready(plane: Plane, model: str, version: str | None = None):
 @router.post("/models/{model}/versions/{version}/infer", openapi_extra=_INFER_BODY)
 async def infer(plane: Plane, request: Request, model: str, version: str | None = None):
     try:
-        try:
-            body = orjson.loads(await request.body())
-        except orjson.JSONDecodeError as exc:
-            raise V2Error(400, f"request body is not valid JSON: {exc}") from None
-        return _json(await plane.infer(model, version, body))
+        body = parse_infer_body(await request.body(), request.headers.get(HEADER_LENGTH))
+        timing: dict = {}
+        content, header_length = encode_infer_body(await plane.infer(model, version, body, timing))
+    except V2Error as exc:
+        return v2_error(exc)
+    headers = {"Server-Timing": f"queue;dur={timing['queue'] * 1000:.2f}, model;dur={timing['model'] * 1000:.2f}"}
+    if header_length is None:
+        return Response(content, media_type="application/json", headers=headers)
+    headers[HEADER_LENGTH] = str(header_length)
+    return Response(content, media_type="application/octet-stream", headers=headers)
+
+
+@router.get("/models/{model}/stats")
+@router.get("/models/{model}/versions/{version}/stats")
+async def model_stats(plane: Plane, model: str, version: str | None = None):
+    """Batching statistics (not Triton's statistics extension, so not advertised as one)."""
+    try:
+        return {"model_stats": plane.stats(model, version)}
     except V2Error as exc:
         return v2_error(exc)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -8,6 +9,7 @@ from services.chassis.app import create_service_app
 from services.chassis.health import add_ready_check
 
 from .api import router
+from .runtimes import RuntimeOptions
 from .service import DataPlane
 from .settings import ModelSettings
 
@@ -17,8 +19,11 @@ def create_app(settings: ModelSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        plane = DataPlane(settings.repository)
-        plane.load_all()
+        options = RuntimeOptions(device=settings.device, fp16=settings.fp16, threads=settings.threads)
+        plane = DataPlane(settings.repository, options, dynamic_batching=settings.dynamic_batching,
+                          max_queue_size=settings.max_queue_size)
+        # Loading (hashing, torch imports) takes seconds: keep the loop free meanwhile.
+        await asyncio.to_thread(plane.load_all)
         app.state.plane = plane
 
         async def models_loaded():
@@ -28,7 +33,10 @@ def create_app(settings: ModelSettings | None = None) -> FastAPI:
                 raise RuntimeError("; ".join(bad))
 
         add_ready_check(app, "models", models_loaded)
-        yield
+        try:
+            yield
+        finally:
+            await plane.close()
 
     app = create_service_app(settings, title="aistack model server",
                              description="Open Inference Protocol v2 model server.", lifespan=lifespan)

@@ -40,7 +40,7 @@ class Manifest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: dict) -> Manifest:
         return cls(
             name=d["name"], version=str(d["version"]), runtime=d["runtime"],
             inputs=[TensorSpec(**t) for t in d["inputs"]],
@@ -101,3 +101,54 @@ def scan(root: Path) -> dict[str, dict[str, Path]]:
             if (version_dir / MANIFEST).is_file():
                 found.setdefault(model_dir.name, {})[version_dir.name] = version_dir
     return found
+
+
+POLICY = "policy.json"
+
+
+class PolicyError(Exception):
+    pass
+
+
+def version_key(v: str):
+    return (0, int(v), "") if v.isdigit() else (1, 0, v)
+
+
+def read_policy(model_dir: Path) -> dict:
+    """`policy.json` next to the versions: {"latest": N}, {"versions": [...]} or {"all": true}."""
+    path = model_dir / POLICY
+    if not path.is_file():
+        return {"all": True}
+    try:
+        policy = json.loads(path.read_text())
+    except ValueError as exc:
+        raise PolicyError(f"{POLICY} is not valid JSON: {exc}") from None
+    if not isinstance(policy, dict) or len(policy) != 1:
+        raise PolicyError(f'{POLICY} needs exactly one of "latest", "versions", "all"')
+    if "latest" in policy:
+        n = policy["latest"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PolicyError(f'{POLICY}: "latest" must be a positive integer')
+        return {"latest": n}
+    if "versions" in policy:
+        vs = policy["versions"]
+        if not isinstance(vs, list) or not vs or not all(isinstance(v, (int, str)) for v in vs):
+            raise PolicyError(f'{POLICY}: "versions" must be a non-empty list of versions')
+        return {"versions": [str(v) for v in vs]}
+    if policy.get("all") is True:
+        return {"all": True}
+    raise PolicyError(f'{POLICY} needs exactly one of "latest", "versions", "all"')
+
+
+def select_versions(policy: dict, versions: list[str]) -> list[str]:
+    """Which of the versions on disk are served, as Triton's version_policy does."""
+    ordered = sorted(versions, key=version_key)
+    if "latest" in policy:
+        return ordered[-policy["latest"]:]
+    if "versions" in policy:
+        missing = sorted(set(policy["versions"]) - set(versions))
+        if missing:
+            log.warning("version policy lists versions that are not in the repository",
+                        extra={"missing": missing})
+        return [v for v in ordered if v in policy["versions"]]
+    return ordered

@@ -4,17 +4,19 @@ Framework-free: routes parse and answer, this class does the work.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
-from . import repository
+from . import metrics, repository
+from .batching import Batcher, BatcherClosed, QueueFull
+from .metrics import PrometheusObserver
 from .repository import Manifest, TensorSpec
-from .runtimes import Runtime, load_runtime
+from .runtimes import Runtime, RuntimeOptions, load_runtime
 
 log = logging.getLogger("aistack.model")
 
@@ -42,38 +44,76 @@ class ModelVersion:
     manifest: Manifest | None = None
     runtime: Runtime | None = None
     error: str | None = None
+    batcher: Batcher | None = None
 
     @property
     def ready(self) -> bool:
-        return self.runtime is not None
+        return self.runtime is not None and self.batcher is not None
+
+    @property
+    def device(self) -> str | None:
+        return self.runtime.device if self.runtime else None
 
 
-def _version_key(v: str):
-    return (0, int(v), "") if v.isdigit() else (1, 0, v)
+_version_key = repository.version_key
 
 
 class DataPlane:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, options: RuntimeOptions | None = None, *, dynamic_batching: bool = True,
+                 max_queue_size: int = 256):
         self.root = root
+        self.options = options or RuntimeOptions()
+        self.dynamic_batching = dynamic_batching
+        self.max_queue_size = max_queue_size
         self.models: dict[str, dict[str, ModelVersion]] = {}
+        # Versions on disk that the model's policy leaves out: model -> version -> why.
+        self.unserved: dict[str, dict[str, str]] = {}
 
     # -- repository -------------------------------------------------------------------------
     def load_all(self) -> None:
         for name, versions in repository.scan(self.root).items():
-            for version, path in versions.items():
-                self.models.setdefault(name, {})[version] = self._load(name, version, path)
+            try:
+                policy = repository.read_policy(self.root / name)
+            except repository.PolicyError as exc:
+                # A broken policy is a broken model: visible as not ready, never a guess.
+                for version, path in versions.items():
+                    mv = ModelVersion(name, version, path, error=f"PolicyError: {exc}")
+                    self.models.setdefault(name, {})[version] = mv
+                log.error("model refused", extra={"model": name, "reason": str(exc)})
+                continue
+            served = repository.select_versions(policy, list(versions))
+            for version in sorted(versions, key=_version_key):
+                if version in served:
+                    self.models.setdefault(name, {})[version] = self._load(name, version, versions[version])
+                else:
+                    self.unserved.setdefault(name, {})[version] = f"not selected by version policy {policy}"
+                    log.info("model version not served", extra={"model": name, "version": version,
+                                                                "policy": policy})
 
     def _load(self, name: str, version: str, path: Path) -> ModelVersion:
         mv = ModelVersion(name, version, path)
         try:
             mv.manifest = repository.read_manifest(path)
-            mv.runtime = load_runtime(path, mv.manifest)
-            log.info("loaded model", extra={"model": name, "version": version,
-                                            "runtime": mv.manifest.runtime, "device": mv.runtime.device})
+            mv.runtime = load_runtime(path, mv.manifest, self.options)
+            m = mv.manifest
+            mv.batcher = Batcher(
+                mv.runtime.predict, name=f"{name}-{version}", max_batch_size=m.max_batch_size,
+                max_queue_delay_s=m.max_queue_delay_ms / 1000.0, max_queue_size=self.max_queue_size,
+                batching=self.dynamic_batching, observer=PrometheusObserver(name, version, mv.runtime.device))
+            metrics.INFO.labels(name, version, m.runtime, mv.runtime.device, mv.runtime.precision).set(1)
+            log.info("loaded model", extra={"model": name, "version": version, "runtime": m.runtime,
+                                            "device": mv.runtime.device, "precision": mv.runtime.precision})
         except Exception as exc:  # a broken version must not take the server down
+            mv.runtime = None
             mv.error = f"{type(exc).__name__}: {exc}"
             log.error("model version refused", extra={"model": name, "version": version, "reason": mv.error})
         return mv
+
+    async def close(self) -> None:
+        for vs in self.models.values():
+            for mv in vs.values():
+                if mv.batcher is not None:
+                    await mv.batcher.close()
 
     @property
     def all_ready(self) -> bool:
@@ -89,14 +129,20 @@ class DataPlane:
         try:
             return versions[version]
         except KeyError:
+            why = self.unserved.get(name, {}).get(version)
+            if why:
+                raise V2Error(404, f"model '{name}' version '{version}' is not served: {why}") from None
             raise V2Error(404, f"model '{name}' has no version '{version}'") from None
 
     def index(self) -> list[dict]:
-        return [
+        rows = [
             {"name": mv.name, "version": mv.version, "state": "READY" if mv.ready else "UNAVAILABLE",
              "reason": mv.error or ""}
             for vs in self.models.values() for mv in vs.values()
         ]
+        rows += [{"name": n, "version": v, "state": "UNAVAILABLE", "reason": why}
+                 for n, vs in self.unserved.items() for v, why in vs.items()]
+        return sorted(rows, key=lambda r: (r["name"], _version_key(r["version"])))
 
     def metadata(self, name: str, version: str | None = None) -> dict:
         mv = self.resolve(name, version)
@@ -109,22 +155,47 @@ class DataPlane:
             "platform": m.runtime,
             "inputs": [t.as_dict() for t in m.inputs],
             "outputs": [t.as_dict() for t in m.outputs],
-            "parameters": {**m.parameters, "version": mv.version, "device": mv.runtime.device if mv.runtime else None,
-                           "max_batch_size": m.max_batch_size},
+            "parameters": {**m.parameters, "version": mv.version, "device": mv.device,
+                           "precision": mv.runtime.precision if mv.runtime else None,
+                           "runtime": m.runtime, "max_batch_size": m.max_batch_size,
+                           "max_queue_delay_ms": m.max_queue_delay_ms,
+                           "dynamic_batching": self.dynamic_batching},
         }
 
+    def stats(self, name: str, version: str | None = None) -> list[dict]:
+        """Batching statistics per served version (all versions when none is named)."""
+        if name not in self.models:
+            raise V2Error(404, f"model '{name}' not found")
+        mvs = [self.resolve(name, version)] if version else list(self.models[name].values())
+        return [{"name": mv.name, "version": mv.version, "device": mv.device,
+                 "queue_depth": mv.batcher.queue_depth if mv.batcher else 0,
+                 **(mv.batcher.stats.as_dict() if mv.batcher else {})} for mv in mvs]
+
     # -- inference --------------------------------------------------------------------------
-    async def infer(self, name: str, version: str | None, request: dict) -> dict:
+    async def infer(self, name: str, version: str | None, request: dict, timing: dict | None = None) -> dict:
+        """One v2 request through the version's batcher; `timing` gets queue and model seconds."""
         mv = self.resolve(name, version)
         if not mv.ready:
             raise V2Error(503, f"model '{name}' version '{mv.version}' is not ready: {mv.error}")
         inputs = decode_inputs(request, mv.manifest.inputs)
-        outputs = await asyncio.to_thread(mv.runtime.predict, inputs)
         wanted = _requested_outputs(request, mv.manifest.outputs)
+        binary = binary_outputs(request, mv.manifest.outputs)
+        try:
+            outputs, t = await mv.batcher.submit(inputs)
+        except QueueFull as exc:
+            raise V2Error(503, f"model '{name}' version '{mv.version}' is overloaded: {exc}") from None
+        except BatcherClosed as exc:
+            raise V2Error(503, str(exc)) from None
+        except Exception as exc:
+            log.exception("inference failed", extra={"model": name, "version": mv.version})
+            raise V2Error(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+        if timing is not None:
+            timing.update(queue=t.queue_s, model=t.compute_s, batch_rows=t.batch_rows)
         response = {
             "model_name": name,
             "model_version": mv.version,
-            "outputs": [encode_tensor(t, outputs[t.name]) for t in mv.manifest.outputs if t.name in wanted],
+            "outputs": [encode_tensor(t, outputs[t.name], t.name in binary)
+                        for t in mv.manifest.outputs if t.name in wanted],
         }
         if request.get("id") is not None:
             response["id"] = request["id"]
@@ -138,6 +209,8 @@ def _requested_outputs(request: dict, specs: list[TensorSpec]) -> set[str]:
         return known
     if not isinstance(asked, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in asked):
         raise V2Error(400, "'outputs' must be a list of objects with a 'name'")
+    if not all(isinstance(o.get("parameters", {}), dict) for o in asked):
+        raise V2Error(400, "an output's 'parameters' must be a JSON object")
     names = {o["name"] for o in asked}
     unknown = names - known
     if unknown:
@@ -155,6 +228,8 @@ def decode_inputs(request: Any, specs: list[TensorSpec]) -> dict[str, np.ndarray
     """Validate a v2 request against the manifest and turn each input into an array."""
     if not isinstance(request, dict):
         raise V2Error(400, "request body must be a JSON object")
+    if not isinstance(request.get("parameters", {}), dict):
+        raise V2Error(400, "'parameters' must be a JSON object")
     raw = request.get("inputs")
     if not isinstance(raw, list) or not raw:
         raise V2Error(400, "'inputs' must be a non-empty list of tensors")
@@ -162,6 +237,8 @@ def decode_inputs(request: Any, specs: list[TensorSpec]) -> dict[str, np.ndarray
     for t in raw:
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise V2Error(400, "each input needs a string 'name'")
+        if not isinstance(t.get("parameters", {}), dict):
+            raise V2Error(400, f"input '{t['name']}': 'parameters' must be a JSON object")
         by_name[t["name"]] = t
     expected = {s.name: s for s in specs}
     missing = sorted(set(expected) - set(by_name))
@@ -189,6 +266,8 @@ def decode_tensor(t: dict, spec: TensorSpec) -> np.ndarray:
         raise V2Error(400, f"input '{name}' needs 'shape' as a non-empty list of non-negative integers")
     if len(shape) != len(spec.shape) or any(e != -1 and e != d for e, d in zip(spec.shape, shape)):
         raise V2Error(400, f"input '{name}' has shape {shape}, expected {spec.shape} (-1 = any)")
+    if BINARY in t:
+        return _decode_binary(name, spec.datatype, shape, t[BINARY])
     if not isinstance(data, list):
         raise V2Error(400, f"input '{name}' needs 'data' as a list")
     flat = _flatten(data)
@@ -206,7 +285,97 @@ def decode_tensor(t: dict, spec: TensorSpec) -> np.ndarray:
         raise V2Error(400, f"input '{name}': {exc}") from None
 
 
-def encode_tensor(spec: TensorSpec, arr: np.ndarray) -> dict:
+def encode_tensor(spec: TensorSpec, arr: np.ndarray, binary: bool = False) -> dict:
     arr = np.asarray(arr)
+    if binary:
+        raw = _encode_binary(spec.datatype, arr)
+        return {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape),
+                "parameters": {"binary_data_size": len(raw)}, BINARY: raw}
     data = arr.reshape(-1).tolist()
+    if spec.datatype == "BYTES":
+        data = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in data]
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape), "data": data}
+
+
+# -- binary tensor data (Triton's extension; its clients send and ask for it by default) -------
+BINARY = "_binary"  # internal key: raw bytes of a tensor, never serialised as JSON
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def parse_infer_body(body: bytes, header_length: str | None = None) -> dict:
+    """The JSON request, with each binary input's bytes attached (sizes from its parameters)."""
+    binary = b""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise V2Error(400, f"{HEADER_LENGTH} must be an integer") from None
+        if not 0 <= n <= len(body):
+            raise V2Error(400, f"{HEADER_LENGTH} {n} is outside the body of {len(body)} bytes")
+        body, binary = body[:n], body[n:]
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise V2Error(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        return request  # decode_inputs explains what is wrong
+    offset = 0
+    for t in request["inputs"]:
+        params = t.get("parameters") if isinstance(t, dict) else None
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is None:
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise V2Error(400, f"input '{t.get('name')}': binary_data_size {size!r} does not fit the body")
+        t[BINARY] = binary[offset:offset + size]
+        offset += size
+    if offset != len(binary):
+        raise V2Error(400, f"{len(binary) - offset} bytes of binary data belong to no input")
+    return request
+
+
+def binary_outputs(request: dict, specs: list[TensorSpec]) -> set[str]:
+    """Outputs to return as raw bytes: asked per output, or for all by `binary_data_output`."""
+    default = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    asked = {o["name"]: o.get("parameters") or {} for o in request.get("outputs") or []}
+    return {s.name for s in specs
+            if bool(asked.get(s.name, {}).get("binary_data", default))}
+
+
+def encode_infer_body(response: dict) -> tuple[bytes, int | None]:
+    """JSON, or JSON header + binary outputs and the header's length for the HTTP header."""
+    chunks = [o.pop(BINARY) for o in response["outputs"] if BINARY in o]
+    head = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return head, None
+    return head + b"".join(chunks), len(head)
+
+
+def _decode_binary(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
+    count = int(np.prod(shape))
+    if datatype == "BYTES":
+        items, i = [], 0
+        while i < len(raw):
+            if i + 4 > len(raw):
+                raise V2Error(400, f"input '{name}': truncated BYTES element")
+            n = int.from_bytes(raw[i:i + 4], "little")
+            items.append(raw[i + 4:i + 4 + n].decode("utf-8", "replace"))
+            i += 4 + n
+        if len(items) != count or i != len(raw):
+            raise V2Error(400, f"input '{name}' has {len(items)} BYTES elements, shape {shape} needs {count}")
+        return np.array(items, dtype=object).reshape(shape)
+    dtype = np.dtype(DTYPES[datatype]).newbyteorder("<")
+    if len(raw) != count * dtype.itemsize:
+        raise V2Error(400, f"input '{name}' has {len(raw)} bytes, shape {shape} of {datatype} needs "
+                           f"{count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(shape)
+
+
+def _encode_binary(datatype: str, arr: np.ndarray) -> bytes:
+    if datatype == "BYTES":
+        parts = []
+        for x in arr.reshape(-1):
+            b = x if isinstance(x, bytes) else str(x).encode("utf-8")
+            parts.append(len(b).to_bytes(4, "little") + b)
+        return b"".join(parts)
+    return np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[datatype]).newbyteorder("<")).tobytes()

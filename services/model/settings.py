@@ -12,3 +12,13 @@ class ModelSettings(ServiceSettings):
     port: int = 8003
     # Versioned model repository: <repo>/<model>/<version>/manifest.json + artifacts.
     repository: Path = Path("var/models")
+    # Overrides every manifest's device preference ("cpu", "cuda", "auto"); unset = manifest decides.
+    device: str | None = None
+    # Half precision for torch models on CUDA (CPU stays fp32).
+    fp16: bool = False
+    # Off: one request per forward pass (the baseline for bench/bench_model.py).
+    dynamic_batching: bool = True
+    # Requests waiting per model version before new ones get 503 + Retry-After.
+    max_queue_size: int = 256
+    # Intra-op threads per model version; unset = the framework's default.
+    threads: int | None = None

@@ -1,0 +1,253 @@
+"""Dynamic batching: wraps a model's predict function, framework-free.
+
+Requests queue per model version; one worker forms a batch of up to `max_batch_size` rows,
+waiting at most `max_queue_delay_s` after the oldest request arrived, runs one forward pass in
+the version's own thread (so the event loop and other models keep going) and hands each caller
+its slice. The queue is bounded so overload turns into a fast refusal, not growing latency.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger("aistack.model.batching")
+
+Arrays = dict[str, np.ndarray]
+
+
+class QueueFull(Exception):
+    """The version's queue is at its bound: the caller should retry later (503)."""
+
+
+class BatcherClosed(Exception):
+    """The batcher is shutting down."""
+
+
+class BatchObserver(Protocol):
+    def queue_depth(self, depth: int) -> None: ...
+    def batch(self, rows: int, requests: int, seconds: float) -> None: ...
+    def waited(self, seconds: float) -> None: ...
+    def rejected(self) -> None: ...
+
+
+@dataclass
+class BatcherStats:
+    requests: int = 0
+    rows: int = 0
+    batches: int = 0
+    forward_passes: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    max_batch_rows: int = 0
+    compute_s: float = 0.0
+    batch_rows: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {
+            "requests": self.requests, "rows": self.rows, "batches": self.batches,
+            "forward_passes": self.forward_passes, "rejected": self.rejected,
+            "cancelled": self.cancelled, "failed": self.failed, "max_batch_rows": self.max_batch_rows,
+            "compute_s": round(self.compute_s, 6),
+            "batch_rows": {str(k): v for k, v in sorted(self.batch_rows.items())},
+        }
+
+
+@dataclass
+class Timing:
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    batch_rows: int = 0
+
+
+@dataclass
+class _Item:
+    inputs: Arrays
+    rows: int
+    future: asyncio.Future
+    enqueued: float
+    timing: Timing
+
+
+class Batcher:
+    def __init__(self, predict: Callable[[Arrays], Arrays], *, name: str = "model",
+                 max_batch_size: int = 64, max_queue_delay_s: float = 0.002, max_queue_size: int = 256,
+                 batching: bool = True, observer: BatchObserver | None = None):
+        self._predict = predict
+        self.name = name
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.max_queue_delay_s = max(0.0, float(max_queue_delay_s))
+        self.max_queue_size = max(1, int(max_queue_size))
+        # Off: one request per forward pass, same queue and thread (the baseline the bench compares).
+        self.batching = batching
+        self.observer = observer
+        self.stats = BatcherStats()
+        self._pending: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, inputs: Arrays) -> tuple[Arrays, Timing]:
+        """Queue one request (all arrays share axis 0) and wait for its slice of a batch."""
+        if self._closed:
+            raise BatcherClosed(f"{self.name} is shutting down")
+        if len(self._pending) >= self.max_queue_size:
+            self.stats.rejected += 1
+            if self.observer:
+                self.observer.rejected()
+            raise QueueFull(f"{self.name}: queue is full ({self.max_queue_size} requests waiting)")
+        self._ensure_worker()
+        rows = int(next(iter(inputs.values())).shape[0]) if inputs else 0
+        loop = asyncio.get_running_loop()
+        item = _Item(inputs, rows, loop.create_future(), time.perf_counter(), Timing())
+        self._pending.append(item)
+        self._depth_changed()
+        self._wakeup.set()
+        # Awaiting the future directly: a cancelled caller cancels only its own future, and the
+        # worker skips or ignores it; the batch it shares with others is untouched.
+        result = await item.future
+        return result, item.timing
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{self.name}")
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def close(self) -> None:
+        """Stop the worker and fail whatever is still queued."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except (asyncio.CancelledError, Exception):
+                pass
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(BatcherClosed(f"{self.name} is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- worker -----------------------------------------------------------------------------
+    def _depth_changed(self) -> None:
+        if self.observer:
+            self.observer.queue_depth(len(self._pending))
+
+    def _drop_cancelled(self) -> None:
+        while self._pending and self._pending[0].future.done():
+            self._pending.popleft()
+            self.stats.cancelled += 1
+            self._depth_changed()
+
+    async def _run(self) -> None:
+        while True:
+            self._drop_cancelled()
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = await self._form_batch()
+            try:
+                if batch:
+                    await self._execute(batch)
+            except Exception as exc:  # the worker must outlive any one batch
+                log.exception("batcher error", extra={"model": self.name})
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    async def _form_batch(self) -> list[_Item]:
+        batch: list[_Item] = []
+        rows = 0
+        # The delay counts from the oldest request: one that already waited behind the previous
+        # batch goes out at once with whatever has queued up meanwhile.
+        deadline = self._pending[0].enqueued + self.max_queue_delay_s
+        while True:
+            self._drop_cancelled()
+            if self._pending:
+                nxt = self._pending[0]
+                if batch and (not self.batching or rows + nxt.rows > self.max_batch_size):
+                    break
+                batch.append(self._pending.popleft())
+                self._depth_changed()
+                rows += nxt.rows
+                if not self.batching or rows >= self.max_batch_size:
+                    break
+                continue
+            remaining = deadline - time.perf_counter()
+            if not batch or remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                break
+        return batch
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        for item in batch:
+            item.timing.queue_s = start - item.enqueued
+            if self.observer:
+                self.observer.waited(item.timing.queue_s)
+        rows = sum(i.rows for i in batch)
+        loop = asyncio.get_running_loop()
+        try:
+            inputs = batch[0].inputs if len(batch) == 1 else {
+                k: np.concatenate([i.inputs[k] for i in batch]) for k in batch[0].inputs}
+            outputs = await loop.run_in_executor(self._executor, self._forward, inputs)
+        except Exception as exc:
+            if len(batch) > 1:
+                # One bad request must not fail its neighbours: retry each on its own.
+                log.warning("batch failed, retrying requests one by one",
+                            extra={"model": self.name, "error": repr(exc)})
+                for item in batch:
+                    await self._execute([item])
+                return
+            self.stats.failed += 1
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - start
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        self.stats.rows += rows
+        self.stats.compute_s += elapsed
+        self.stats.batch_rows[rows] += 1
+        self.stats.max_batch_rows = max(self.stats.max_batch_rows, rows)
+        if self.observer:
+            self.observer.batch(rows, len(batch), elapsed)
+        offset = 0
+        for item in batch:
+            item.timing.compute_s, item.timing.batch_rows = elapsed, rows
+            if not item.future.done():
+                item.future.set_result({k: v[offset:offset + item.rows] for k, v in outputs.items()})
+            offset += item.rows
+
+    def _forward(self, inputs: Arrays) -> Arrays:
+        """Runs in the version's thread; a request larger than max_batch_size goes in chunks."""
+        n = int(next(iter(inputs.values())).shape[0]) if inputs else 0
+        if n <= self.max_batch_size:
+            self.stats.forward_passes += 1
+            return self._predict(inputs)
+        parts = []
+        for lo in range(0, n, self.max_batch_size):
+            self.stats.forward_passes += 1
+            parts.append(self._predict({k: v[lo:lo + self.max_batch_size] for k, v in inputs.items()}))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
