@@ -1,0 +1,259 @@
+"""The orchestrator against a real model server (uvicorn, real models), real Redis and Postgres."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from services.model.app import create_app as model_app
+from services.model.settings import ModelSettings
+from services.orchestrator.app import create_app as orchestrator_app
+from services.orchestrator.policy import choose_version, Policy
+from services.orchestrator.service import FALLBACKS, FEEDBACK_STREAM, PREDICTION_STREAM, SHADOW
+from services.orchestrator.settings import OrchestratorSettings
+from tests.conftest import ServedApp, free_port
+
+ROW = {"amount": 250.0, "txn_count_24h": 5, "txn_amount_24h": 400.0, "avg_amount_30d": 40.0,
+       "account_age_days": 30, "chargebacks_90d": 1, "distinct_merchants_7d": 6}
+INFER_ROUTE = '/v2/models/{model}/versions/{version}/infer'
+
+
+@pytest.fixture(scope="module")
+def model_server(models_dir):
+    app = model_app(ModelSettings(repository=models_dir, ready_max_cpu_percent=100))
+    with ServedApp(app) as served:
+        served.app = app
+        yield served
+
+
+def _settings(model_server, database_url, redis_url, **kw) -> OrchestratorSettings:
+    return OrchestratorSettings(model_url=model_server.url, features_url=f"http://127.0.0.1:{free_port()}",
+                                database_url=database_url, redis_url=redis_url, **kw)
+
+
+@pytest.fixture
+async def orch(model_server, database_url, redis_url):
+    app = orchestrator_app(_settings(model_server, database_url, redis_url))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://orch", timeout=30) as c:
+            c.app = app
+            yield c
+
+
+@pytest.fixture(autouse=True)
+async def clean_policies(database_url, redis_url):
+    """Each test starts from the default policy and an empty cache."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from services.chassis.clients import asyncpg_url
+
+    engine = create_async_engine(asyncpg_url(database_url))
+    async with engine.begin() as conn:
+        await conn.execute(text("DELETE FROM orchestrator.policies"))
+    await engine.dispose()
+    r = aioredis.from_url(redis_url)
+    async for key in r.scan_iter(match="orchestrator:cache:*"):
+        await r.delete(key)
+    await r.aclose()
+    yield
+
+
+def infer_count(model_server, version: str) -> float:
+    text = httpx.get(f"{model_server.url}/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("aistack_http_requests_total{") and 'service="model"' in line \
+                and f'route="{INFER_ROUTE}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def predict(c, principal="alice", headers=None, **body):
+    body = body or {"inputs": ROW}
+    r = await c.post("/v1/predict/fraud", json=body, headers={"X-Principal": principal, **(headers or {})})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def set_policy(c, policy: dict, who="ops") -> dict:
+    r = await c.put("/admin/models/fraud/policy", json={"policy": policy, "reason": "test"},
+                    headers={"X-Principal": who})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_cache_hit_returns_same_output_marked_cached(orch):
+    first = await predict(orch, inputs={**ROW, "amount": 111.0})
+    second = await predict(orch, inputs={**ROW, "amount": 111.0})
+    assert first["cached"] is False and second["cached"] is True
+    assert second["outputs"] == first["outputs"] and second["version"] == first["version"]
+    assert second["prediction_id"] != first["prediction_id"]
+    bypass = await predict(orch, inputs={**ROW, "amount": 111.0}, headers={"Cache-Control": "no-cache"})
+    assert bypass["cached"] is False and bypass["outputs"] == first["outputs"]
+
+
+async def test_fifty_concurrent_identical_misses_make_one_inference(orch, model_server):
+    before = infer_count(model_server, "2")
+    results = await asyncio.gather(*(predict(orch, inputs={**ROW, "amount": 77.7}) for _ in range(50)))
+    assert infer_count(model_server, "2") - before == 1
+    assert len({orjson.dumps(r["outputs"]) for r in results}) == 1
+    assert sum(not r["cached"] for r in results) == 1
+
+
+def test_ab_split_is_within_three_points_and_sticky():
+    policy = Policy(routes={"1": 30, "2": 70})
+    picks = [choose_version(policy, "fraud", f"user-{i}") for i in range(2000)]
+    share = picks.count("1") / len(picks)
+    assert abs(share - 0.30) <= 0.03
+    assert picks == [choose_version(policy, "fraud", f"user-{i}") for i in range(2000)]
+
+
+async def test_canary_routes_each_principal_as_the_policy_says(orch):
+    await set_policy(orch, {"routes": {"1": 90, "2": 10}, "cache_ttl_s": 0})
+    policy = Policy(routes={"1": 90, "2": 10})
+    served = {}
+    for i in range(120):
+        body = await predict(orch, principal=f"p{i}")
+        served[f"p{i}"] = body["version"]
+        assert body["version"] == choose_version(policy, "fraud", f"p{i}")
+    assert set(served.values()) == {"1", "2"}
+    # Sticky: the same principal lands on the same version again.
+    for p in list(served)[:20]:
+        assert (await predict(orch, principal=p))["version"] == served[p]
+
+
+async def test_blue_green_switch_and_rollback_with_history(orch):
+    await set_policy(orch, {"routes": {"1": 100}}, who="alice")
+    assert {(await predict(orch, principal=f"u{i}"))["version"] for i in range(10)} == {"1"}
+    await set_policy(orch, {"routes": {"2": 100}}, who="bob")
+    assert {(await predict(orch, principal=f"u{i}"))["version"] for i in range(10)} == {"2"}
+    r = await orch.post("/admin/models/fraud/policy/rollback", json={}, headers={"X-Principal": "carol"})
+    assert r.status_code == 200 and r.json()["policy"]["routes"] == {"1": 100.0}
+    assert {(await predict(orch, principal=f"u{i}"))["version"] for i in range(10)} == {"1"}
+    history = (await orch.get("/admin/models/fraud/policy/history")).json()
+    assert [h["author"] for h in history] == ["carol", "bob", "alice"]
+    assert "rollback" in history[0]["reason"]
+
+
+async def test_policy_with_unknown_version_is_refused(orch):
+    r = await orch.put("/admin/models/fraud/policy", json={"policy": {"routes": {"9": 100}}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_version"
+
+
+async def test_shadow_mirrors_without_touching_the_response(orch):
+    await set_policy(orch, {"routes": {"1": 100}, "shadow": {"version": "2", "percent": 100}})
+    before = sum(SHADOW.labels("fraud", "2", a)._value.get() for a in ("true", "false"))
+    body = await predict(orch, inputs={**ROW, "amount": 5.0})
+    await orch.app.state.predictor.drain()
+    after = sum(SHADOW.labels("fraud", "2", a)._value.get() for a in ("true", "false"))
+    assert body["version"] == "1" and after - before == 1
+
+
+async def test_ensemble_mean_of_probabilities(orch):
+    one = await predict(orch, inputs=ROW, version="1")
+    two = await predict(orch, inputs=ROW, version="2")
+    await set_policy(orch, {"ensemble": {"versions": ["1", "2"], "method": "mean"}})
+    body = await predict(orch)
+    assert body["version"] == "ensemble(1,2:mean)"
+    expected = [(a + b) / 2 for a, b in zip(one["outputs"]["probability"], two["outputs"]["probability"])]
+    assert body["outputs"]["probability"] == pytest.approx(expected, rel=1e-6)
+
+
+async def test_fallback_when_the_chosen_version_fails(orch, model_server):
+    await set_policy(orch, {"routes": {"2": 100}, "fallback": "1"})
+    batcher = model_server.app.state.plane.models["fraud"]["2"].batcher
+    original = batcher._predict
+
+    def broken(inputs):
+        raise RuntimeError("GPU fell off the bus")
+
+    batcher._predict = broken
+    before = FALLBACKS.labels("fraud", "2", "1")._value.get()
+    try:
+        body = await predict(orch, inputs={**ROW, "amount": 3.0})
+        again = await predict(orch, inputs={**ROW, "amount": 3.0})
+    finally:
+        batcher._predict = original
+    assert body["version"] == "1" and again["cached"] is False  # a fallback answer is never cached
+    assert FALLBACKS.labels("fraud", "2", "1")._value.get() - before == 2
+    assert (await predict(orch, inputs={**ROW, "amount": 3.0}))["version"] == "2"
+
+
+async def test_prediction_log_and_feedback(orch, redis_url):
+    body = await predict(orch, inputs={**ROW, "amount": 42.0})
+    r = aioredis.from_url(redis_url)
+    try:
+        entries = await r.xrevrange(PREDICTION_STREAM, count=20)
+        entry = next(f for _, f in entries if f[b"id"].decode() == body["prediction_id"])
+        assert entry[b"model"] == b"fraud" and orjson.loads(entry[b"inputs"])[0]["amount"] == 42.0
+        fb = await orch.post("/v1/feedback", json={"prediction_id": body["prediction_id"], "label": 1})
+        assert fb.status_code == 202, fb.text
+        last = (await r.xrevrange(FEEDBACK_STREAM, count=1))[0][1]
+        assert last[b"prediction_id"].decode() == body["prediction_id"] and orjson.loads(last[b"label"]) == 1
+    finally:
+        await r.aclose()
+    missing = await orch.post("/v1/feedback", json={"prediction_id": "nope", "label": 1})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "prediction_not_found"
+
+
+async def test_redis_down_serves_predictions_without_cache(model_server, database_url):
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    app = orchestrator_app(_settings(model_server, database_url, closed))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://o") as c:
+            first = await predict(c)
+            second = await predict(c)
+            ready = await c.get("/ready")
+    assert first["cached"] is False and second["cached"] is False
+    assert first["outputs"] == second["outputs"]
+    assert ready.status_code == 503 and "redis" in ready.json()["error"]["details"]
+
+
+async def test_bad_requests_are_4xx(orch):
+    r = await orch.post("/v1/predict/fraud", json={"instances": []})
+    assert r.status_code == 422
+    r = await orch.post("/v1/predict/fraud", json={"inputs": {**ROW, "amount": "lots"}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_feature"
+    r = await orch.post("/v1/predict/fraud", json={"instances": [ROW] * 1001})
+    assert r.status_code == 413
+    r = await orch.put("/admin/models/fraud/policy", json={"policy": {"routes": {"1": -1}}})
+    assert r.status_code == 422
+
+
+@pytest.fixture(scope="module")
+def feature_store(database_url, redis_url):
+    from services.features.app import create_app as features_app
+    from services.features.settings import FeaturesSettings
+
+    app = features_app(FeaturesSettings(database_url=database_url, redis_url=redis_url, seed_customers=50,
+                                        ready_max_cpu_percent=100))
+    with ServedApp(app) as served:
+        yield served
+
+
+async def test_features_are_enriched_from_the_online_store(model_server, feature_store, database_url, redis_url):
+    from services.demo import synthetic
+
+    settings = _settings(model_server, database_url, redis_url)
+    settings.features_url = feature_store.url
+    app = orchestrator_app(settings)
+    profile = synthetic.customer_profiles(50)
+    supplied = {f: float(profile[f][0]) for f in synthetic.CUSTOMER_FEATURES}
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://o") as c:
+            enriched = await predict(c, inputs={"customer_id": "C0001", "amount": 80.0}, version="1")
+            explicit = await predict(c, inputs={**supplied, "amount": 80.0}, version="1")
+            batch = await predict(c, instances=[{"customer_id": "C0001", "amount": 80.0},
+                                                {"customer_id": "C0002", "amount": 5.0}], version="1")
+            unknown = await c.post("/v1/predict/fraud", json={"inputs": {"customer_id": "NOPE", "amount": 1.0}})
+            override = await predict(c, inputs={"customer_id": "NOPE", "amount": 80.0, **supplied}, version="1")
+    assert enriched["outputs"]["probability"] == pytest.approx(explicit["outputs"]["probability"], rel=1e-5)
+    assert batch["predictions"][0] == enriched["outputs"]
+    assert unknown.status_code == 422
+    error = unknown.json()["error"]
+    assert error["code"] == "missing_features" and error["details"]["txn_count_24h"]["ids"] == ["NOPE"]
+    assert override["outputs"] == explicit["outputs"]  # supplied features win; nothing to look up
