@@ -80,23 +80,35 @@ def database_url(postgres_server_url):
     asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-@pytest.fixture(scope="session")
-def redis_url(redis_server_url):
-    """An empty Redis db number of our own for this run, flushed at the end."""
+def _claim_redis_db(server_url: str):
+    """An empty Redis db number, claimed atomically so that two concurrent runs never share one."""
     import redis
 
-    base = redis_server_url.rsplit("/", 1)[0] if redis_server_url.count("/") > 2 else redis_server_url
+    base = server_url.rsplit("/", 1)[0] if server_url.count("/") > 2 else server_url
     candidates = list(range(1, 16))
     secrets.SystemRandom().shuffle(candidates)
     for db in candidates:
         client = redis.Redis.from_url(f"{base}/{db}")
-        # Claim the db atomically so two concurrent runs never share one.
         if client.dbsize() == 0 and client.set("aistack:test-claim", os.getpid(), nx=True):
-            break
+            return f"{base}/{db}", client
         client.close()
-    else:
-        pytest.fail("no empty Redis database (1-15) to isolate this test run")
-    yield f"{base}/{db}"
+    pytest.fail("no empty Redis database (1-15) to isolate this test run")
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server_url):
+    """An empty Redis db number of our own for this run, flushed at the end."""
+    url, client = _claim_redis_db(redis_server_url)
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def private_redis_url(redis_server_url):
+    """A Redis db for one module whose tests read whole streams or keyspaces."""
+    url, client = _claim_redis_db(redis_server_url)
+    yield url
     client.flushdb()
     client.close()
 

@@ -8,3 +8,36 @@ class AuthSettings(ServiceSettings):
 
     service_name: str = "auth"
     port: int = 8001
+
+    # Access tokens (JWT). The gateway must be configured with the same issuer and audience.
+    issuer: str = "aistack-auth"
+    audience: str = "aistack"
+    signing_alg: str = "RS256"  # RS256 or ES256
+    access_ttl_s: int = 900
+    # Keys are re-read from Postgres this often, so every replica signs with the newest key.
+    key_cache_s: float = 30.0
+    # Fernet key (urlsafe base64, 32 bytes) that encrypts private signing keys at rest.
+    # Unset: a fixed development key is used and a warning logged -- never in production.
+    key_encryption_key: str | None = None
+
+    # Refresh tokens: opaque, rotated on every use.
+    refresh_ttl_s: int = 14 * 24 * 3600
+
+    # Brute-force protection: failed logins per window, per account and per client address.
+    login_max_failures_per_account: int = 5
+    login_max_failures_per_ip: int = 30
+    login_window_s: int = 900
+    login_lockout_s: int = 900
+
+    # API keys: last_used_at is written at most this often per key.
+    api_key_touch_s: int = 60
+    # Shared secret the gateway sends to /internal/introspect (header X-Internal-Token); unset: open.
+    introspection_token: str | None = None
+
+    # The first admin, used only while no admin exists.
+    bootstrap_admin_email: str | None = None
+    bootstrap_admin_password: str | None = None
+    allow_registration: bool = False
+    # Peers whose X-Forwarded-For is believed (the gateway); comma-separated CIDRs.
+    trusted_proxies: str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
+    default_role: str = "viewer"

@@ -1,18 +1,23 @@
 """create_service_app: the one place a service's FastAPI app gets its platform parts."""
 from __future__ import annotations
 
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
 
+import uvicorn
 from fastapi import FastAPI
 
 from .errors import install_error_handlers
-from .health import install_health
+from .health import install_health, mark_draining
 from .logs import setup_logging
 from .metrics import install_metrics
 from .settings import ServiceSettings
 from .telemetry import instrument_app, setup_tracing, shutdown_tracing
 
+log = logging.getLogger("aistack.shutdown")
 Lifespan = Callable[[FastAPI], "AsyncIterator[None]"]
 
 
@@ -34,6 +39,7 @@ def create_service_app(settings: ServiceSettings, *, title: str, description: st
                 async with lifespan(app):
                     yield
         finally:
+            mark_draining(app)
             shutdown_tracing()
 
     app = FastAPI(title=title, description=description, version="0.1.0", lifespan=_lifespan)
@@ -46,8 +52,39 @@ def create_service_app(settings: ServiceSettings, *, title: str, description: st
 
 
 def run(app_factory: Callable[[], FastAPI], settings: ServiceSettings) -> None:
-    """Serve an app with uvicorn: what each service's __main__ calls."""
-    import uvicorn
+    """Serve an app with uvicorn: what each service's __main__ calls.
 
-    uvicorn.run(app_factory(), host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=10)
+    Graceful shutdown. On SIGTERM (or SIGINT) the service first drains: /ready answers 503 while
+    it keeps serving for SHUTDOWN_DRAIN_S seconds (default 0; Kubernetes sets a few seconds, the
+    time endpoints take to drop the pod), then uvicorn stops accepting connections, finishes
+    the requests in flight (up to SHUTDOWN_TIMEOUT_S, default 20), runs the lifespan shutdown
+    and exits. A second signal skips the drain.
+    """
+    app = app_factory()
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            timeout_graceful_shutdown=_env_float("SHUTDOWN_TIMEOUT_S", 20.0))
+    DrainingServer(config, app, drain_s=_env_float("SHUTDOWN_DRAIN_S", 0.0)).run()
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else default
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first exit signal starts a drain instead of stopping at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float):
+        super().__init__(config)
+        self.app, self.drain_s, self._draining = app, drain_s, False
+
+    def handle_exit(self, sig, frame) -> None:
+        mark_draining(self.app)
+        if self._draining or self.drain_s <= 0 or self.should_exit:
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        log.info("signal %s: draining for %.1fs (/ready answers 503), then stopping", sig, self.drain_s)
+        # Then exit exactly as plain uvicorn would have on this signal.
+        timer = threading.Timer(self.drain_s, super().handle_exit, (sig, None))
+        timer.daemon = True
+        timer.start()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import psutil
 from fastapi import FastAPI, Request
@@ -22,9 +22,9 @@ async def _run_check(check: ReadyCheck, timeout: float) -> str | None:
     try:
         await asyncio.wait_for(check(), timeout)
         return None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return f"timed out after {timeout}s"
-    except Exception as exc:  # any failure means not ready; the reason goes to the caller
+    except Exception as exc:  # noqa: BLE001 (any failure means not ready; the reason goes to the caller)
         return f"{type(exc).__name__}: {exc}"[:300]
 
 
@@ -39,8 +39,19 @@ def _resource_reasons(settings) -> dict[str, str]:
     return reasons
 
 
+def mark_draining(app: FastAPI) -> None:
+    """The service is shutting down: /ready answers 503 from now on, so load balancers and
+    Kubernetes stop sending new requests while the ones in flight finish."""
+    app.state.draining = True
+
+
+def is_draining(app: FastAPI) -> bool:
+    return getattr(app.state, "draining", False)
+
+
 def install_health(app: FastAPI, settings) -> None:
     app.state.ready_checks = {}
+    app.state.draining = False
     psutil.cpu_percent(interval=None)  # prime the sampler: the first reading is meaningless
 
     @app.get("/health", include_in_schema=False)
@@ -49,6 +60,9 @@ def install_health(app: FastAPI, settings) -> None:
 
     @app.get("/ready", include_in_schema=False)
     async def ready(request: Request):
+        if is_draining(request.app):
+            return error_response(503, "shutting_down", "the service is shutting down", None,
+                                  {"Retry-After": "5"})
         checks = request.app.state.ready_checks
         results = await asyncio.gather(
             *(_run_check(c, settings.ready_check_timeout_s) for c in checks.values())

@@ -1,4 +1,10 @@
-"""OpenTelemetry setup: W3C trace context everywhere, OTLP export when an endpoint is configured."""
+"""OpenTelemetry setup: W3C trace context everywhere, OTLP export when an endpoint is configured.
+
+One trace per request: the FastAPI server span of each service is the child of the caller's
+httpx client span (``traceparent`` on every hop), Celery tasks continue the trace of whoever
+published them (context in the task headers), every response carries the trace id in
+``X-Trace-Id`` and every log line carries it in ``trace_id`` (see logs.py).
+"""
 from __future__ import annotations
 
 import os
@@ -9,6 +15,17 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 EXCLUDED_URLS = "/health,/ready,/metrics"
+TRACE_ID_HEADER = "X-Trace-Id"
+# Span attributes the prediction path sets with annotate(); the dashboards and docs/metrics.md
+# use these names, so keep them stable.
+SPAN_ATTRIBUTES = {
+    "model": "aistack.model.name",
+    "version": "aistack.model.version",
+    "cache_hit": "aistack.cache.hit",
+    "batch_size": "aistack.batch.size",
+    "device": "aistack.model.device",
+    "principal": "aistack.principal",
+}
 _configured = False
 
 
@@ -39,12 +56,23 @@ def instrument_app(app) -> None:
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     FastAPIInstrumentor.instrument_app(app, excluded_urls=EXCLUDED_URLS)
+    app.add_middleware(TraceIdHeaderMiddleware)
 
 
 def instrument_engine(engine) -> None:
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
     SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine)
+
+
+def instrument_celery() -> None:
+    """Trace Celery on both sides: publishing injects the context into the task headers, the
+    worker continues it. Idempotent; spans go to whatever provider the process installs."""
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    instrumentor = CeleryInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument()
 
 
 def shutdown_tracing() -> None:
@@ -56,6 +84,45 @@ def shutdown_tracing() -> None:
 def current_trace_id() -> str | None:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def annotate(**attributes) -> None:
+    """Put prediction facts on the current span: annotate(model="fraud", version="2",
+    cache_hit=False, batch_size=8). Known keys map to SPAN_ATTRIBUTES, others to aistack.<key>."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    for key, value in attributes.items():
+        if value is not None:
+            span.set_attribute(SPAN_ATTRIBUTES.get(key, f"aistack.{key}"), value)
+
+
+class TraceIdHeaderMiddleware:
+    """Answer every traced request with its trace id, so a user can quote it and find the trace.
+
+    Pure ASGI (no body buffering). It runs inside the OpenTelemetry middleware, so the current
+    span is the request's server span; an upstream's X-Trace-Id (the gateway relays the
+    orchestrator's headers) is replaced, never duplicated.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_trace_id(message):
+            if message["type"] == "http.response.start":
+                trace_id = current_trace_id()
+                if trace_id:
+                    name = TRACE_ID_HEADER.lower().encode()
+                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != name]
+                    headers.append((name, trace_id.encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_trace_id)
 
 
 tracer = trace.get_tracer("aistack")

@@ -89,6 +89,8 @@ def _register_plugins() -> None:
                 raise
             continue
         app.add_typer(module.app, name=getattr(module, "NAME", name))
+        for group, sub_app in getattr(module, "GROUPS", {}).items():  # more groups from one module
+            app.add_typer(sub_app, name=group)
 
 
 def main() -> None:

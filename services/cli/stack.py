@@ -47,6 +47,10 @@ class Stack:
     worker: bool = True
     procs: list[Proc] = field(default_factory=list)
     _embedded: list = field(default_factory=list)
+    # The first admin (AUTH_BOOTSTRAP_ADMIN_*); when none is given, a development admin with a
+    # random password, printed once by start(). Auth uses it only while no admin exists.
+    admin_email: str | None = None
+    admin_password: str | None = None
 
     def url(self, service: str) -> str:
         return f"http://{self.host}:{self.ports[service]}"
@@ -58,6 +62,7 @@ class Stack:
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, ready_timeout: float = 180.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        generated = self._admin_credentials()
         try:
             self._start_datastores()
             from services.chassis.migrate import upgrade_all
@@ -71,6 +76,23 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+        if generated:
+            print(f"development admin: {self.admin_email}  password: {self.admin_password}\n"
+                  "(shown once; valid only if the database had no admin yet)", flush=True)
+
+    def _admin_credentials(self) -> bool:
+        """Admin from AUTH_BOOTSTRAP_ADMIN_EMAIL/PASSWORD, else a generated one; True if generated."""
+        env = {**os.environ, **self.extra_env}
+        email, password = env.get("AUTH_BOOTSTRAP_ADMIN_EMAIL"), env.get("AUTH_BOOTSTRAP_ADMIN_PASSWORD")
+        if email and password:
+            self.admin_email, self.admin_password = email, password
+            return False
+        if self.admin_email and self.admin_password:
+            return False
+        import secrets
+
+        self.admin_email, self.admin_password = "admin@aistack.local", secrets.token_urlsafe(18)
+        return True
 
     def _start_datastores(self) -> None:
         if self.database_url and self.redis_url:
@@ -93,13 +115,16 @@ class Stack:
                 "PYTHONUNBUFFERED": "1", **self.extra_env}
         wiring = {
             "gateway": {"GATEWAY_ORCHESTRATOR_URLS": self.url("orchestrator"), "GATEWAY_AUTH_URL": self.url("auth"),
-                        "GATEWAY_FEATURES_URL": self.url("features")},
-            "auth": {},
+                        "GATEWAY_FEATURES_URL": self.url("features"), "GATEWAY_MODEL_URLS": self.url("model"),
+                        "GATEWAY_PIPELINE_URLS": self.url("pipeline")},
+            "auth": {"AUTH_BOOTSTRAP_ADMIN_EMAIL": self.admin_email or "",
+                     "AUTH_BOOTSTRAP_ADMIN_PASSWORD": self.admin_password or ""},
             "orchestrator": {"ORCHESTRATOR_MODEL_URL": self.url("model"),
                              "ORCHESTRATOR_FEATURES_URL": self.url("features")},
             "model": {"MODEL_REPOSITORY": str(self.models_dir)},
             "features": {},
-            "pipeline": {"PIPELINE_MODEL_URL": self.url("model"), "PIPELINE_FEATURES_URL": self.url("features")},
+            "pipeline": {"PIPELINE_MODEL_URL": self.url("model"), "PIPELINE_FEATURES_URL": self.url("features"),
+                         "PIPELINE_MODEL_REPOSITORY": str(self.models_dir), "PIPELINE_DATA_DIR": str(self.data_dir / "pipeline")},
         }
         procs = []
         # Start the leaves first so that the services that call them become ready sooner.
@@ -111,9 +136,16 @@ class Stack:
                               f"{self.url(name)}/ready", logs / f"{name}.log"))
         if self.worker:
             env = {**procs[-1].env, "OTEL_SERVICE_NAME": "pipeline-worker"}
-            procs.append(Proc("worker", [sys.executable, "-m", "services.pipeline", "worker"], env, None,
+            procs.append(Proc("worker", [sys.executable, "-m", "services.pipeline", "worker", "--beat"], env, None,
                               logs / "worker.log"))
         return procs
+
+    def launch(self, procs: list[Proc], ready_timeout: float = 180.0) -> None:
+        """Start these processes in order and wait until each one with a ready_url answers 200;
+        stop() stops them with the rest (the compose wiring test starts its own plan this way)."""
+        for proc in procs:
+            self._spawn(proc)
+        self._wait_ready(ready_timeout)
 
     def _spawn(self, proc: Proc) -> None:
         log = proc.log_path.open("ab")

@@ -1,21 +1,81 @@
+"""Routes built from the route table (routes.py): each one authenticates, checks its scope,
+rate-limits and proxies through Gateway.handle."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 
-from .deps import OrchestratorProxy
-from .service import HOP_BY_HOP
+from services.chassis.errors import AppError
 
-router = APIRouter(prefix="/v1", tags=["predict"])
+from .deps import ClientIP, GatewayDep
+from .routes import ROUTES, Route
+
+router = APIRouter()
+# Served by the gateway itself (app.py includes these before the route table's catch-alls).
+overview_router = APIRouter(tags=["admin"])
+admin_ui_router = APIRouter(include_in_schema=False)
+OVERVIEW_ROUTE = Route("/admin/overview", ("GET",), "gateway", "admin", summary="Admin overview")
+STATIC_DIR = Path(__file__).with_name("static")
+# The admin page loads only its own files; no inline script, nothing from elsewhere.
+UI_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                                         "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+                                         "base-uri 'none'; form-action 'self'",
+              "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
-async def _relay(proxy, request: Request) -> Response:
-    upstream = await proxy.forward(request.method, request.url.path, await request.body(),
-                                   dict(request.headers), request.url.query)
-    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP | {"content-encoding", "date", "server"}}
-    return Response(upstream.content, status_code=upstream.status_code, headers=headers)
+@overview_router.get("/admin/overview", summary="Admin overview: services, traffic, models, jobs")
+async def overview(request: Request, gateway: GatewayDep, ip: ClientIP) -> JSONResponse:
+    """Each service and replica with health and version; requests per second, p50/p95 latency, error
+    rate and cache hit ratio over the last minute, with a series over the last minutes; models,
+    versions and their traffic policy; running and recent jobs. Scope: admin."""
+    principal = await gateway.principal(OVERVIEW_ROUTE, request.headers, ip)
+    limit_headers = await gateway.limit(OVERVIEW_ROUTE, principal, b"")
+    upstream = gateway.upstream_headers(OVERVIEW_ROUTE, {}, principal, ip)
+    doc = await request.app.state.overview.snapshot(upstream)
+    return JSONResponse(doc, headers={**limit_headers, "Cache-Control": "no-store"})
 
 
-@router.post("/predict/{model}", summary="Predict with a model (single row or batch)")
-async def predict(model: str, request: Request, proxy: OrchestratorProxy) -> Response:
-    """Body as the orchestrator's PredictRequest: {"inputs": {...}} or {"instances": [...]}."""
-    return await _relay(proxy, request)
+@admin_ui_router.get("/admin")
+async def admin_redirect() -> RedirectResponse:
+    return RedirectResponse("/admin/", status_code=308)
+
+
+@admin_ui_router.get("/admin/")
+async def admin_page() -> FileResponse:
+    """The operators' web page; it signs in and calls /admin/* and /v1/* with a bearer token."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=UI_HEADERS)
+
+
+def _body_reader(request: Request):
+    async def read(limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise AppError(413, "payload_too_large", f"request body over {limit} bytes", {"limit": limit})
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise AppError(413, "payload_too_large", f"request body over {limit} bytes", {"limit": limit})
+            chunks.append(chunk)
+        return b"".join(chunks)
+    return read
+
+
+def _endpoint(route: Route):
+    async def endpoint(request: Request, gateway: GatewayDep, ip: ClientIP) -> Response:
+        result = await gateway.handle(route, request.method, request.url.path, request.url.query,
+                                      request.headers, _body_reader(request), ip)
+        return Response(result.content, status_code=result.status, headers=result.headers)
+
+    scope = "public" if route.scope is None else (route.scope or "any authenticated caller")
+    endpoint.__doc__ = f"{route.summary}. Proxied to {route.upstream}; scope: {scope}."
+    return endpoint
+
+
+for _i, _route in enumerate(ROUTES):
+    for _method in _route.methods:  # one operation per method: unique OpenAPI operation ids
+        router.add_api_route(_route.path, _endpoint(_route), methods=[_method], summary=_route.summary,
+                             name=f"{_route.upstream}_{_i}_{_method.lower()}", tags=[_route.upstream],
+                             include_in_schema=not _route.path.endswith("{rest:path}") and _method != "HEAD")

@@ -1,16 +1,22 @@
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from services.chassis.app import create_service_app
 from services.chassis.clients import http_client
+from services.chassis.errors import AppError
 from services.chassis.health import add_ready_check
 from services.chassis.resources import redis_and_postgres
 
-from .api import router
-from .service import Proxy, UpstreamPool
+from .api import admin_ui_router, overview_router, router
+from .overview import Overview, Upstreams
+from .ratelimit import RateLimiter
+from .security import ApiKeyVerifier, Authenticator, JWKSCache, TokenVerifier
+from .service import Gateway, Proxy, UpstreamPool
 from .settings import GatewaySettings
 
 
@@ -19,23 +25,103 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        http = http_client(timeout=settings.http_timeout_s)
-        pool = UpstreamPool("orchestrator", settings.orchestrator_replicas,
-                            settings.eject_after_failures, settings.eject_s)
-        app.state.orchestrator = Proxy(http, pool)
+        s = settings
+        http = http_client(timeout=s.http_timeout_s)
+        pools = {name: UpstreamPool(name, urls, s.eject_after_failures, s.eject_s) for name, urls in (
+            ("orchestrator", s.orchestrator_replicas), ("features", s.features_replicas), ("auth", s.auth_replicas),
+            ("pipeline", s.pipeline_replicas), ("model", s.model_replicas))}
+        proxies = {name: Proxy(http, pool, s.retries, s.upstream_timeout_s) for name, pool in pools.items()}
+        auth = proxies["auth"]
+        internal = {"X-Internal-Token": s.introspection_token} if s.introspection_token else {}
 
-        async def orchestrator():
-            if not pool.healthy():
-                raise RuntimeError("every orchestrator replica is ejected")
+        async def fetch_jwks() -> dict:
+            r = await auth.forward("GET", "/.well-known/jwks.json", b"", {"accept": "application/json"},
+                                   timeout_s=5.0)
+            if r.status_code != 200:
+                raise RuntimeError(f"auth answered {r.status_code} for the JWKS")
+            return r.json()
 
-        add_ready_check(app, "orchestrator", orchestrator)
-        async with redis_and_postgres(app, settings, postgres=False):
+        async def introspect(key: str) -> dict:
+            r = await auth.forward("POST", "/internal/introspect", json_bytes({"api_key": key}),
+                                   {"content-type": "application/json", **internal}, timeout_s=5.0)
+            if r.status_code != 200:
+                raise AppError(503, "auth_unavailable", "cannot check the API key now",
+                               headers={"Retry-After": "2"})
+            return r.json()
+
+        jwks = JWKSCache(fetch_jwks, s.jwks_cache_s, s.jwks_min_refetch_s)
+        async with redis_and_postgres(app, s, postgres=False):
+            tokens = TokenVerifier(jwks, s.jwt_issuer, s.jwt_audience, s.algorithms, s.jwt_leeway_s)
+            api_keys = ApiKeyVerifier(app.state.redis, introspect, s.api_key_cache_ttl_s,
+                                      s.api_key_negative_cache_ttl_s)
+            limiter = RateLimiter(app.state.redis, s.rate_limit_fail_open)
+            app.state.gateway = Gateway(s, proxies, Authenticator(tokens, api_keys), limiter)
+            app.state.orchestrator = proxies["orchestrator"]
+            app.state.jwks = jwks
+            for name in ("orchestrator", "auth"):
+                add_ready_check(app, name, _pool_check(pools[name]))
+            # Warm the key cache; auth may start later, then the first request fetches.
+            warm = asyncio.create_task(jwks.refresh("startup"))
+            app.state.overview = _overview(app, s, http, pools, proxies)
+            scraper = asyncio.create_task(app.state.overview.run())
             try:
                 yield
             finally:
+                warm.cancel()
+                scraper.cancel()
                 await http.aclose()
 
     app = create_service_app(settings, title="aistack gateway",
                              description="The public entry point of aistack.", lifespan=lifespan)
+    # Gateway-local routes first: the route table's /admin/{rest:path} would take them otherwise.
+    app.include_router(overview_router)
+    if settings.admin_ui:
+        from fastapi.staticfiles import StaticFiles
+
+        app.include_router(admin_ui_router)
+        app.mount("/admin/assets", StaticFiles(directory=STATIC_DIR), name="admin-assets")
     app.include_router(router)
     return app
+
+
+STATIC_DIR = Path(__file__).with_name("static")
+
+
+def _overview(app: FastAPI, s: GatewaySettings, http, pools: dict, proxies: dict) -> Overview:
+    """The admin overview's scraper over every upstream replica, plus this gateway's own registry."""
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+    from prometheus_client import REGISTRY, generate_latest
+
+    async def fetch(url: str, headers: dict) -> tuple[int, bytes]:
+        with suppress_instrumentation():  # scrapes every few seconds are not traces anyone wants
+            r = await http.get(url, headers=headers, timeout=5.0)
+        return r.status_code, r.content
+
+    def getter(name: str):
+        async def get(path: str, headers: dict | None = None) -> tuple[int, bytes]:
+            path, _, query = path.partition("?")
+            r = await proxies[name].forward("GET", path, b"", {"accept": "application/json", **(headers or {})},
+                                            query, timeout_s=5.0)
+            return r.status_code, r.content
+        return get
+
+    services = {name: [r.url for r in pools[name].replicas]
+                for name in ("auth", "orchestrator", "model", "features", "pipeline")}
+    overview = Overview(fetch, services, every_s=s.overview_scrape_s, window_s=s.overview_window_s,
+                        summary_s=s.overview_summary_s, self_name=s.service_name,
+                        self_metrics=lambda: generate_latest(REGISTRY).decode(), self_version=app.version,
+                        upstreams=Upstreams(getter("model"), getter("orchestrator"), getter("pipeline")))
+    return overview
+
+
+def json_bytes(doc) -> bytes:
+    import json
+
+    return json.dumps(doc).encode()
+
+
+def _pool_check(pool: UpstreamPool):
+    async def check():
+        if not pool.healthy():
+            raise RuntimeError(f"every {pool.name} replica is ejected")
+    return check

@@ -69,6 +69,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_baseline(version_dir: Path, x, features: list[str]) -> None:
+    """The training distribution per feature (11 quantile edges), for drift checks on live inputs."""
+    import numpy as np
+
+    edges = {f: np.quantile(x[:, i], np.linspace(0, 1, 11)).round(6).tolist() for i, f in enumerate(features)}
+    (version_dir / "baseline.json").write_text(json.dumps(edges, indent=2))
+
+
 def write_manifest(version_dir: Path, manifest: Manifest) -> None:
     """Hash every artifact now, so the server can refuse a file changed after the build."""
     manifest.artifacts = {name: sha256_file(version_dir / name) for name in sorted(manifest.artifacts)}

@@ -1,20 +1,40 @@
-"""`python -m services.pipeline` serves the control app; `... worker` runs a Celery worker."""
+"""`python -m services.pipeline` serves the control app; `... worker` runs a Celery worker
+(`... worker --beat` with the beat scheduler embedded); `... beat` runs the scheduler alone."""
 import sys
 
-from services.chassis.app import run
-
-from .app import create_app
-from .settings import PipelineSettings
-
 if __name__ == "__main__":
+    command = sys.argv[1:2]
+    if command == ["worker"]:
+        # Before anything imports prometheus_client: the forked children share the samples.
+        from services.pipeline import worker_metrics
+
+        worker_metrics.prepare()
+
+    from services.chassis.app import run
+
+    from .app import create_app
+    from .settings import PipelineSettings
+
     settings = PipelineSettings()
-    if sys.argv[1:2] == ["worker"]:
+    if command in (["worker"], ["beat"]):
+        from pathlib import Path
+
         from services.chassis.logs import setup_logging
 
         from .worker import app as celery
 
         setup_logging("pipeline", settings.log_level)
-        celery.worker_main(["worker", "--loglevel", settings.log_level,
-                            "--concurrency", str(settings.worker_concurrency), "-E", *sys.argv[2:]])
+        schedule = Path(settings.data_dir) / "celerybeat-schedule"
+        schedule.parent.mkdir(parents=True, exist_ok=True)
+        if command == ["beat"]:
+            celery.start(["beat", "--loglevel", settings.log_level, "-s", str(schedule), *sys.argv[2:]])
+        else:
+            worker_metrics.connect_signals()
+            worker_metrics.start_server(settings.worker_metrics_port, settings.redis_url)
+            extra = sys.argv[2:]
+            if "--beat" in extra:
+                extra = [a for a in extra if a != "--beat"] + ["-B", "-s", str(schedule)]
+            celery.worker_main(["worker", "--loglevel", settings.log_level,
+                                "--concurrency", str(settings.worker_concurrency), "-E", *extra])
     else:
         run(lambda: create_app(settings), settings)

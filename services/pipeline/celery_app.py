@@ -1,23 +1,58 @@
 """The Celery app on the Redis broker, configured so that accepted work is never lost."""
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import beat_init, worker_process_init, worker_ready
 
 from .settings import PipelineSettings
+
+log = logging.getLogger("aistack.pipeline")
+KEY_PREFIX = "pipeline:"
+QUEUE = "celery"
+TASK_MODULES = ["services.pipeline.tasks", "services.pipeline.tasks_monitoring", "services.pipeline.tasks_training"]
+# The feature store's materialisation task, when its module is present.
+FEATURE_TASKS = "services.pipeline.tasks_features"
+
+
+def _has_feature_tasks() -> bool:
+    try:
+        return importlib.util.find_spec(FEATURE_TASKS) is not None
+    except ImportError:
+        return False
+
+
+def beat_schedule(settings: PipelineSettings) -> dict:
+    schedule = {
+        "persist-prediction-log": {"task": "pipeline.persist_logs", "schedule": settings.persist_every_s},
+        "model-quality": {"task": "pipeline.compute_quality", "schedule": settings.quality_every_s},
+        "feature-drift": {"task": "pipeline.compute_drift", "schedule": settings.drift_every_s},
+    }
+    if _has_feature_tasks():
+        schedule["materialize-features"] = {"task": "pipeline.materialize_features",
+                                            "schedule": settings.materialize_every_s}
+    # A periodic run that waited longer than its interval is superseded by the next: expire it.
+    for entry in schedule.values():
+        entry["options"] = {"expires": float(entry["schedule"])}
+    return schedule
 
 
 def create_celery(settings: PipelineSettings) -> Celery:
     broker = settings.require("redis_url")
-    app = Celery("aistack", broker=broker, backend=broker, include=["services.pipeline.tasks"])
+    include = TASK_MODULES + ([FEATURE_TASKS] if _has_feature_tasks() else [])
+    app = Celery("aistack", broker=broker, backend=broker, include=include)
     app.conf.update(
         # Ack after the task finishes and requeue it if the worker dies: a SIGKILL loses nothing.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # A task unacked this long is redelivered; longer than any chunk takes.
-        broker_transport_options={"visibility_timeout": 3600, "global_keyprefix": "pipeline:"},
-        result_backend_transport_options={"global_keyprefix": "pipeline:"},
+        # A task unacked this long is redelivered; longer than any chunk takes. The recovery sweep
+        # at worker start re-queues unfinished chunks sooner (tasks are idempotent).
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  "global_keyprefix": KEY_PREFIX},
+        result_backend_transport_options={"global_keyprefix": KEY_PREFIX},
         result_expires=86400,
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_track_started=True,
@@ -25,8 +60,15 @@ def create_celery(settings: PipelineSettings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
+        beat_schedule=beat_schedule(settings),
+        beat_max_loop_interval=5,
     )
     app.conf.aistack_settings = settings
+    # Publishing side of trace propagation: whoever sends a task (an API request, beat) puts its
+    # trace context into the task headers; the worker continues it (see _init_worker).
+    from services.chassis.telemetry import instrument_celery
+
+    instrument_celery()
     return app
 
 
@@ -38,6 +80,28 @@ def _init_worker(**_):
 
     setup_logging("pipeline")
     setup_tracing("pipeline")
-    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from services.chassis.telemetry import instrument_celery
 
-    CeleryInstrumentor().instrument()
+    instrument_celery()
+
+
+@beat_init.connect
+def _init_beat(**_):
+    """Beat publishes scheduled tasks: each one starts a trace that the worker continues."""
+    from services.chassis.telemetry import setup_tracing
+
+    setup_tracing("pipeline-beat")
+
+
+@worker_ready.connect
+def _recovery_sweep(sender=None, **_):
+    """A restarted worker re-queues the unfinished chunks of running jobs at once, instead of
+    waiting for the broker's visibility timeout to hand back what a killed worker held."""
+    app = sender.app if sender is not None else None
+    settings = getattr(app.conf, "aistack_settings", None) if app else None
+    if settings is None or not settings.recovery_sweep or not settings.database_url:
+        return
+    try:
+        app.send_task("pipeline.recover")
+    except Exception:  # the sweep is an optimisation; the visibility timeout still holds
+        log.exception("could not queue the recovery sweep")

@@ -7,8 +7,39 @@ class PipelineSettings(ServiceSettings):
     model_config = service_config("PIPELINE_")
 
     service_name: str = "pipeline"
-    # The control app (health, readiness, metrics) of the worker fleet.
+    # The control app (job API, quality/drift admin, health, readiness, metrics) of the worker fleet.
     port: int = 9100
     model_url: str = "http://127.0.0.1:8003"
     features_url: str = "http://127.0.0.1:8004"
     worker_concurrency: int = 2
+    # Broker: a message unacked this long is handed to another worker. Longer than any chunk takes;
+    # the recovery sweep at worker start re-queues unfinished chunks without waiting for it.
+    visibility_timeout_s: int = 3600
+    worker_metrics_port: int = 9101  # 0: no metrics server in the worker
+    recovery_sweep: bool = True
+    # Batch inference: inputs, chunk parts and results live here; server-side paths must be inside.
+    data_dir: str = "var/pipeline"
+    chunk_rows: int = 50_000
+    infer_batch_rows: int = 10_000
+    max_upload_bytes: int = 2 * 1024 ** 3
+    # Model repository (the model server's MODEL_REPOSITORY): drift baselines, new versions.
+    model_repository: str = "var/models"
+    # Prediction-log persistence.
+    log_batch: int = 1000
+    log_consumer_group: str = "pipeline"
+    # Quality and drift windows, alert threshold.
+    quality_window_s: int = 86_400
+    drift_window_s: int = 3_600
+    drift_min_rows: int = 100
+    drift_psi_alert: float = 0.2
+    # Beat schedule (seconds).
+    persist_every_s: float = 5.0
+    quality_every_s: float = 300.0
+    drift_every_s: float = 300.0
+    materialize_every_s: float = 300.0
+    # Training-data validation (model-poisoning guard).
+    train_min_rows: int = 200
+    train_max_null_share: float = 0.01
+    train_max_out_of_range_share: float = 0.01
+    train_max_duplicate_share: float = 0.05
+    train_max_label_shift: float = 0.15

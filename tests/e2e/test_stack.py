@@ -13,8 +13,9 @@ ROW = {"amount": 250.0, "txn_count_24h": 5, "txn_amount_24h": 400.0, "avg_amount
 
 
 @pytest.fixture(scope="module")
-def gateway(stack):
-    with httpx.Client(base_url=stack.url("gateway"), timeout=30) as c:
+def gateway(stack, admin_headers):
+    """Calls through the gateway carry the stack admin's access token (tests/e2e/conftest.py)."""
+    with httpx.Client(base_url=stack.url("gateway"), timeout=30, headers=admin_headers) as c:
         yield c
 
 
@@ -22,7 +23,8 @@ def test_every_service_serves_health_ready_metrics_openapi(stack):
     for name in ("gateway", "auth", "orchestrator", "model", "features", "pipeline"):
         base = stack.url(name)
         assert httpx.get(f"{base}/health").json()["status"] == "ok", name
-        assert httpx.get(f"{base}/ready").status_code == 200, name
+        ready = httpx.get(f"{base}/ready")
+        assert ready.status_code == 200, (name, ready.text)
         assert "aistack_http_requests_total" in httpx.get(f"{base}/metrics").text or name == "pipeline"
         assert httpx.get(f"{base}/openapi.json").json()["info"]["title"].startswith("aistack"), name
 

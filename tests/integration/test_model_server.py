@@ -67,7 +67,7 @@ async def test_model_metadata_keeps_the_fraud_contract(client):
     p = meta["parameters"]
     assert p["version"] == "2" and p["device"] == "cpu" and p["entity"] == "customer"
     assert p["feature_view"] == "customer_transactions" and p["request_features"] == ["amount"]
-    assert p["max_batch_size"] == 256
+    assert p["max_batch_size"] == 4096
     v1 = (await client.get("/v2/models/fraud/versions/1")).json()
     assert v1["parameters"]["version"] == "1"
     r = await client.get("/v2/models/fraud/versions/1/ready")

@@ -236,23 +236,29 @@ def feature_store(database_url, redis_url):
 
 
 async def test_features_are_enriched_from_the_online_store(model_server, feature_store, database_url, redis_url):
+    import uuid
+
     from services.demo import synthetic
 
     settings = _settings(model_server, database_url, redis_url)
     settings.features_url = feature_store.url
     app = orchestrator_app(settings)
-    profile = synthetic.customer_profiles(50)
-    supplied = {f: float(profile[f][0]) for f in synthetic.CUSTOMER_FEATURES}
+    ids = [f"T-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    supplied = [{f: float(i + 1) * (k + 2) for k, f in enumerate(synthetic.CUSTOMER_FEATURES)} for i in range(2)]
+    pushed = httpx.post(f"{feature_store.url}/v1/features/push", json={
+        "view": "customer_transactions", "rows": [{"customer_id": c, **f} for c, f in zip(ids, supplied)]})
+    assert pushed.status_code == 200, pushed.text
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://o") as c:
-            enriched = await predict(c, inputs={"customer_id": "C0001", "amount": 80.0}, version="1")
-            explicit = await predict(c, inputs={**supplied, "amount": 80.0}, version="1")
-            batch = await predict(c, instances=[{"customer_id": "C0001", "amount": 80.0},
-                                                {"customer_id": "C0002", "amount": 5.0}], version="1")
+            enriched = await predict(c, inputs={"customer_id": ids[0], "amount": 80.0}, version="1")
+            explicit = await predict(c, inputs={**supplied[0], "amount": 80.0}, version="1")
+            batch = await predict(c, instances=[{"customer_id": ids[0], "amount": 80.0},
+                                                {"customer_id": ids[1], "amount": 5.0}], version="1")
+            second = await predict(c, inputs={**supplied[1], "amount": 5.0}, version="1")
             unknown = await c.post("/v1/predict/fraud", json={"inputs": {"customer_id": "NOPE", "amount": 1.0}})
-            override = await predict(c, inputs={"customer_id": "NOPE", "amount": 80.0, **supplied}, version="1")
+            override = await predict(c, inputs={"customer_id": "NOPE", "amount": 80.0, **supplied[0]}, version="1")
     assert enriched["outputs"]["probability"] == pytest.approx(explicit["outputs"]["probability"], rel=1e-5)
-    assert batch["predictions"][0] == enriched["outputs"]
+    assert batch["predictions"] == [enriched["outputs"], second["outputs"]]
     assert unknown.status_code == 422
     error = unknown.json()["error"]
     assert error["code"] == "missing_features" and error["details"]["txn_count_24h"]["ids"] == ["NOPE"]

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+    refresh_token: str
+    scope: str
+
+
+class RefreshRequest(BaseModel):
+    refresh_token: str = Field(min_length=1, max_length=512)
+
+
+class UserOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    email: str
+    role: str
+    disabled: bool
+    created_at: datetime | None = None
+
+
+class MeOut(UserOut):
+    scopes: list[str]
+
+
+class UserCreate(BaseModel):
+    email: str = Field(min_length=3, max_length=320)
+    password: str = Field(min_length=8, max_length=1024)
+    role: str = "viewer"
+
+
+class RegisterRequest(BaseModel):
+    email: str = Field(min_length=3, max_length=320)
+    password: str = Field(min_length=8, max_length=1024)
+
+
+class UserUpdate(BaseModel):
+    role: str | None = None
+    disabled: bool | None = None
+
+
+class ApiKeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    role: str = "service"
+    scopes: list[str] | None = None
+    expires_in_s: int | None = Field(default=None, gt=0)
+    rate_limit_rpm: int | None = Field(default=None, gt=0)
+
+
+class ApiKeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    prefix: str
+    name: str
+    role: str
+    scopes: list[str]
+    rate_limit_rpm: int | None
+    owner_id: uuid.UUID | None
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The API key itself. Shown this once; only its hash is stored.")
+
+
+class IntrospectRequest(BaseModel):
+    api_key: str = Field(max_length=512)
+
+
+class RotateOut(BaseModel):
+    kid: str

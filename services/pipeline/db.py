@@ -1,0 +1,47 @@
+"""Database access for the pipeline's own schema, from the app (pooled) and from tasks (one-shot)."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import pool, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from services.chassis.clients import asyncpg_url
+
+T = TypeVar("T")
+
+
+def task_engine(url: str) -> AsyncEngine:
+    """An engine for one task run: no pool to survive the event loop that asyncio.run closes."""
+    return create_async_engine(asyncpg_url(url), poolclass=pool.NullPool, connect_args={"timeout": 5})
+
+
+def run_with_engine(url: str, fn: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run `fn(engine)` to completion from synchronous (Celery task) code."""
+    async def main():
+        engine = task_engine(url)
+        try:
+            return await fn(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+async def fetch_all(engine: AsyncEngine, sql: str, **params: Any) -> list[dict]:
+    async with engine.connect() as conn:
+        result = await conn.execute(text(sql), params)
+        return [dict(r._mapping) for r in result]
+
+
+async def fetch_one(engine: AsyncEngine, sql: str, **params: Any) -> dict | None:
+    rows = await fetch_all(engine, sql, **params)
+    return rows[0] if rows else None
+
+
+async def execute(engine: AsyncEngine, sql: str, **params: Any) -> int:
+    async with engine.begin() as conn:
+        result = await conn.execute(text(sql), params)
+        return result.rowcount

@@ -1,0 +1,141 @@
+"""Prediction-log persistence: the orchestrator's streams into Postgres through a consumer group.
+
+Entries are acknowledged only after the transaction that stores them commits. While Postgres is
+down nothing is acknowledged: the entries stay pending in the group and the next run (which reads
+its pending entries first) stores them. Redelivery is harmless: primary keys + ON CONFLICT.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+log = logging.getLogger("aistack.pipeline.logstore")
+
+PREDICTION_STREAM = "orchestrator:predictions"
+FEEDBACK_STREAM = "orchestrator:feedback"
+CONSUMER = "persister"
+
+INSERT_PREDICTION = text("""
+    INSERT INTO pipeline.predictions (prediction_id, row, time, principal, model, version, input_hash,
+                                      inputs, outputs, latency_ms, cached, stream_id)
+    VALUES (:prediction_id, :row, :time, :principal, :model, :version, :input_hash,
+            CAST(:inputs AS jsonb), CAST(:outputs AS jsonb), :latency_ms, :cached, :stream_id)
+    ON CONFLICT (prediction_id, row) DO NOTHING""")
+INSERT_FEEDBACK = text("""
+    INSERT INTO pipeline.feedback (prediction_id, row, label, principal, model, version, time, stream_id)
+    VALUES (:prediction_id, :row, CAST(:label AS jsonb), :principal, :model, :version, :time, :stream_id)
+    ON CONFLICT (prediction_id, row) DO UPDATE
+        SET label = excluded.label, time = excluded.time, stream_id = excluded.stream_id
+        WHERE pipeline.feedback.time <= excluded.time""")
+
+
+def _s(fields: dict, key: str, default: str | None = None) -> str | None:
+    v = fields.get(key.encode(), fields.get(key))
+    if v is None:
+        return default
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _time(value: str | None) -> datetime:
+    return datetime.fromtimestamp(float(value or 0), tz=UTC)
+
+
+def prediction_rows(stream_id: str, fields: dict) -> list[dict]:
+    """One row per predicted input row: inputs[i] with outputs[i]."""
+    inputs = json.loads(_s(fields, "inputs", "[]"))
+    outputs = json.loads(_s(fields, "outputs", "[]"))
+    if isinstance(inputs, dict):
+        inputs = [inputs]
+    if isinstance(outputs, dict):
+        outputs = [outputs]
+    common = {"prediction_id": _s(fields, "id"), "time": _time(_s(fields, "time")),
+              "principal": _s(fields, "principal"), "model": _s(fields, "model"),
+              "version": _s(fields, "version"), "input_hash": _s(fields, "input_hash"),
+              "latency_ms": float(_s(fields, "latency_ms", "0") or 0),
+              "cached": _s(fields, "cached", "0") in ("1", "true", "True"), "stream_id": stream_id}
+    if not common["prediction_id"] or not common["model"]:
+        raise ValueError("prediction entry without id or model")
+    n = max(len(inputs), len(outputs))
+    return [{**common, "row": i, "inputs": json.dumps(inputs[i] if i < len(inputs) else None),
+             "outputs": json.dumps(outputs[i] if i < len(outputs) else None)} for i in range(n)]
+
+
+def feedback_row(stream_id: str, fields: dict) -> dict:
+    row = {"prediction_id": _s(fields, "prediction_id"), "row": int(_s(fields, "row", "0")),
+           "label": _s(fields, "label"), "principal": _s(fields, "principal"), "model": _s(fields, "model"),
+           "version": _s(fields, "version"), "time": _time(_s(fields, "time")), "stream_id": stream_id}
+    if not row["prediction_id"] or row["label"] is None:
+        raise ValueError("feedback entry without prediction_id or label")
+    json.loads(row["label"])
+    return row
+
+
+async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except aioredis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def _read(redis: aioredis.Redis, stream: str, group: str, start: str, count: int) -> list:
+    got = await redis.xreadgroup(group, CONSUMER, {stream: start}, count=count)
+    return got[0][1] if got else []
+
+
+async def persist_stream(redis: aioredis.Redis, engine: AsyncEngine, stream: str, group: str,
+                         count: int = 1000, max_batches: int = 50) -> dict:
+    """Store pending then new entries of one stream, a batch per transaction; ack after commit."""
+    await ensure_group(redis, stream, group)
+    stored = skipped = 0
+    start = "0"  # this consumer's pending entries first (read before, never acknowledged)
+    for _ in range(max_batches):
+        entries = await _read(redis, stream, group, start, count)
+        gone = [i for i, f in entries if not f]  # a pending entry trimmed from the stream comes back empty
+        if gone:
+            await redis.xack(stream, group, *gone)
+        entries = [(i, f) for i, f in entries if f]
+        if not entries:
+            if start == "0":
+                start = ">"
+                continue
+            break
+        rows, bad = [], []
+        for entry_id, fields in entries:
+            sid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            try:
+                if stream == FEEDBACK_STREAM:
+                    rows.append(feedback_row(sid, fields))
+                else:
+                    rows.extend(prediction_rows(sid, fields))
+            except (ValueError, TypeError, KeyError) as exc:
+                bad.append(sid)
+                log.warning("unreadable log entry skipped", extra={"stream": stream, "id": sid, "error": str(exc)})
+        if rows:
+            async with engine.begin() as conn:
+                await conn.execute(INSERT_FEEDBACK if stream == FEEDBACK_STREAM else INSERT_PREDICTION, rows)
+        # Committed: now (and only now) the entries leave the group's pending list.
+        await redis.xack(stream, group, *[i for i, _ in entries])
+        stored += len(rows)
+        skipped += len(bad)
+        if start == "0" and len(entries) < count:
+            start = ">"
+    return {"stream": stream, "stored_rows": stored, "skipped_entries": skipped}
+
+
+async def persist(redis: aioredis.Redis, engine: AsyncEngine, group: str = "pipeline", count: int = 1000) -> list[dict]:
+    return [await persist_stream(redis, engine, PREDICTION_STREAM, group, count),
+            await persist_stream(redis, engine, FEEDBACK_STREAM, group, count)]
+
+
+async def pending(redis: aioredis.Redis, stream: str, group: str = "pipeline") -> int:
+    try:
+        info = await redis.xpending(stream, group)
+    except aioredis.ResponseError:
+        return 0
+    return int(info["pending"])

@@ -1,0 +1,157 @@
+"""Gateway pieces without servers: token verification, JWKS refetch floor, rate-limit headers,
+replica picking and ejection, the route table."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+
+import pytest
+from jose import jwt
+
+from services.auth import keys as keymod
+from services.chassis.errors import AppError
+from services.gateway.ratelimit import Bucket, Decision, approx_tokens
+from services.gateway.routes import ROUTES
+from services.gateway.security import JWKSCache, TokenVerifier
+from services.gateway.service import UpstreamPool
+
+PRIVATE, PUBLIC = keymod.generate_keypair("RS256")
+KID = "k1"
+JWKS = {"keys": [keymod.public_jwk(PUBLIC, KID, "RS256")]}
+
+
+def b64(doc) -> str:
+    return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+
+def claims(**over):
+    now = int(time.time())
+    c = {"iss": "iss", "aud": "aud", "sub": "u1", "iat": now, "nbf": now, "exp": now + 60,
+         "jti": secrets.token_hex(4), "scope": "predict jobs", "role": "developer"}
+    c.update(over)
+    return {k: v for k, v in c.items() if v is not None}
+
+
+def sign(c, key=PRIVATE, kid=KID, alg="RS256"):
+    return jwt.encode(c, key, algorithm=alg, headers={"kid": kid})
+
+
+def verifier(fetches=None, min_refetch_s=60.0) -> TokenVerifier:
+    async def fetch():
+        if fetches is not None:
+            fetches.append(time.monotonic())
+        return JWKS
+    return TokenVerifier(JWKSCache(fetch, 300, min_refetch_s), "iss", "aud", ["RS256", "ES256"], leeway_s=5)
+
+
+async def test_a_good_token_gives_its_principal():
+    p = await verifier().verify(sign(claims()))
+    assert p.sub == "u1" and p.scopes == {"predict", "jobs"} and p.role == "developer"
+
+
+def _hs256_with_public_key() -> str:
+    signing_input = f"{b64({'alg': 'HS256', 'kid': KID})}.{b64(claims())}"
+    sig = hmac.new(PUBLIC.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
+
+
+def _tampered() -> str:
+    head, _, sig = sign(claims()).split(".")
+    return f"{head}.{b64(claims(scope='admin'))}.{sig}"
+
+
+BAD = {
+    "alg_none": lambda: f"{b64({'alg': 'none', 'kid': KID})}.{b64(claims())}.",
+    "hs256_with_public_key": _hs256_with_public_key,
+    "expired": lambda: sign(claims(exp=int(time.time()) - 60)),
+    "not_yet_valid": lambda: sign(claims(nbf=int(time.time()) + 60)),
+    "wrong_aud": lambda: sign(claims(aud="other")),
+    "wrong_iss": lambda: sign(claims(iss="other")),
+    "unknown_kid": lambda: sign(claims(), key=keymod.generate_keypair("RS256")[0], kid="nope"),
+    "right_kid_wrong_key": lambda: sign(claims(), key=keymod.generate_keypair("RS256")[0]),
+    "tampered_payload": _tampered,
+    "no_exp": lambda: sign(claims(exp=None)),
+    "no_kid": lambda: jwt.encode(claims(), PRIVATE, algorithm="RS256"),
+    "garbage": lambda: "a.b.c",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+async def test_bad_tokens_are_401(name):
+    with pytest.raises(AppError) as exc:
+        await verifier().verify(BAD[name]())
+    assert exc.value.status == 401 and exc.value.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_small_clock_skew_is_tolerated():
+    await verifier().verify(sign(claims(nbf=int(time.time()) + 2)))
+    await verifier().verify(sign(claims(exp=int(time.time()) - 2)))
+
+
+async def test_unknown_kid_refetches_at_most_once_per_floor():
+    fetches: list[float] = []
+    v = verifier(fetches, min_refetch_s=60)
+    await v.verify(sign(claims()))
+    assert len(fetches) == 1
+    for _ in range(5):
+        with pytest.raises(AppError):
+            await v.verify(sign(claims(), kid="rotated-away"))
+    assert len(fetches) == 1  # within the floor: no stampede on auth
+    v.jwks.attempted_at -= 61
+    with pytest.raises(AppError):
+        await v.verify(sign(claims(), kid="rotated-away"))
+    assert len(fetches) == 2
+
+
+def test_rate_limit_headers():
+    d = Decision(False, 7.2, [(Bucket("requests", 60, 1), 0.4, 59.6)])
+    h = d.headers()
+    assert h == {"RateLimit-Limit": "60", "RateLimit-Remaining": "0", "RateLimit-Reset": "60",
+                 "RateLimit-Policy": '60;w=60;comment="requests"', "Retry-After": "8"}
+    assert "Retry-After" not in Decision(True, 0, [(Bucket("requests", 60, 1), 30, 30)]).headers()
+
+
+def test_approx_tokens():
+    assert approx_tokens(json.dumps({"input": "x" * 40}).encode()) == 10
+    assert approx_tokens(json.dumps({"input": ["abcd", "efgh"]}).encode()) == 2
+    assert approx_tokens(b"not json at all!") == 4
+
+
+def test_pool_ejects_after_consecutive_failures_and_readmits():
+    pool = UpstreamPool("o", ["http://a", "http://b"], eject_after=2, eject_s=0.05)
+    a = pool.replicas[0]
+    pool.record(a, ok=False)
+    pool.record(a, ok=True)  # not consecutive
+    pool.record(a, ok=False)
+    assert a in pool.healthy()
+    pool.record(a, ok=False)
+    assert a not in pool.healthy()
+    assert all(pool.pick() is pool.replicas[1] for _ in range(20))
+    time.sleep(0.06)
+    assert a in pool.healthy()
+
+
+def test_pool_prefers_the_less_busy_of_two():
+    pool = UpstreamPool("o", ["http://a", "http://b"])
+    pool.replicas[0].outstanding = 5
+    assert all(pool.pick() is pool.replicas[1] for _ in range(20))
+    assert pool.pick(exclude=(pool.replicas[1],)) is pool.replicas[0]
+
+
+def test_route_table_scopes():
+    by_path = {}
+    for r in ROUTES:
+        by_path.setdefault(r.path, []).append(r)
+    assert all(r.scope == "admin" for r in ROUTES if r.path.startswith("/admin"))
+    assert by_path["/v1/predict/{model}"][0].scope == "predict"
+    assert by_path["/v1/embeddings"][0].count_tokens
+    assert by_path["/v1/features/push"][0].scope == "features:write"
+    assert by_path["/v1/features/online"][0].scope == "features:read"
+    assert {r.scope for r in by_path["/v1/jobs/{rest:path}"]} == {"jobs"}
+    public = {r.path for r in ROUTES if r.scope is None}
+    assert public == {"/v1/auth/token", "/v1/auth/refresh", "/v1/auth/logout", "/v1/auth/register",
+                      "/.well-known/jwks.json"}
