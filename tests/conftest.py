@@ -126,6 +126,10 @@ def models_dir(tmp_path_factory) -> Path:
 # on that here (the saturation check itself is covered by the chassis unit tests).
 SATURATION_OFF = {f"{svc}_READY_MAX_CPU_PERCENT": "100"
                   for svc in ("GATEWAY", "AUTH", "ORCHESTRATOR", "MODEL", "FEATURES", "PIPELINE")}
+# Every stack of a run shares the run's database, so they share its first admin too.
+TEST_ADMIN = {"AUTH_BOOTSTRAP_ADMIN_EMAIL": "admin@aistack.test",
+              "AUTH_BOOTSTRAP_ADMIN_PASSWORD": secrets.token_urlsafe(18)}
+STACK_ENV = {**SATURATION_OFF, **TEST_ADMIN}
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +140,7 @@ def stack(tmp_path_factory, database_url, redis_url, models_dir):
     data_dir = tmp_path_factory.mktemp("stack")
     (data_dir / "models").symlink_to(models_dir)
     s = Stack(data_dir, database_url=database_url, redis_url=redis_url,
-              ports={name: free_port() for name in DEFAULT_PORTS}, extra_env=SATURATION_OFF)
+              ports={name: free_port() for name in DEFAULT_PORTS}, extra_env=STACK_ENV)
     s.start()
     yield s
     s.stop()

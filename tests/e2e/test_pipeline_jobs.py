@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.demo import synthetic
-from tests.conftest import free_port
+from tests.conftest import STACK_ENV, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -146,7 +146,7 @@ def pipeline_only(stack, own_broker, tmp_path):
     ports = {**stack.ports, "pipeline": free_port()}
     (tmp_path / "models").symlink_to(stack.models_dir)
     s = Stack(tmp_path, database_url=stack.database_url, redis_url=own_broker, ports=ports,
-              extra_env={"PIPELINE_VISIBILITY_TIMEOUT_S": "5", "PIPELINE_WORKER_CONCURRENCY": "2",
+              extra_env={**STACK_ENV, "PIPELINE_VISIBILITY_TIMEOUT_S": "5", "PIPELINE_WORKER_CONCURRENCY": "2",
                          "PIPELINE_WORKER_METRICS_PORT": str(free_port())})
     plan = {p.name: p for p in s._plan()}
     s._spawn(plan["pipeline"])

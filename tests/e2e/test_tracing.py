@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import STACK_ENV, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -209,7 +209,7 @@ def traced_stack(tmp_path_factory, database_url, own_redis_url, models_dir, rece
     (data_dir / "models").symlink_to(models_dir)
     s = Stack(data_dir, database_url=database_url, redis_url=own_redis_url,
               ports={name: free_port() for name in DEFAULT_PORTS},
-              extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
+              extra_env={**STACK_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
                          "OTEL_TRACES_SAMPLER": "parentbased_always_on"})
     s.start()
     yield s
