@@ -77,7 +77,7 @@ def upstreams():
 def gw_settings(redis_url, auth_server, upstreams, **kw) -> GatewaySettings:
     base = {"redis_url": redis_url, "ready_max_cpu_percent": 100, "ready_max_memory_percent": 100,
                 "auth_urls": auth_server.url, "orchestrator_urls": ",".join(u.url for u in upstreams),
-                "features_urls": upstreams[0].url, "api_key_cache_ttl_s": 1.0, "jwks_min_refetch_s": 0.5}
+                "features_urls": upstreams[0].url, "pipeline_urls": upstreams[0].url, "api_key_cache_ttl_s": 1.0, "jwks_min_refetch_s": 0.5}
     base.update(kw)
     return GatewaySettings(**base)
 
