@@ -119,7 +119,7 @@ class Stack:
                         "GATEWAY_PIPELINE_URLS": self.url("pipeline")},
             "auth": {"AUTH_BOOTSTRAP_ADMIN_EMAIL": self.admin_email or "",
                      "AUTH_BOOTSTRAP_ADMIN_PASSWORD": self.admin_password or ""},
-            "orchestrator": {"ORCHESTRATOR_MODEL_URL": self.url("model"),
+            "orchestrator": {"ORCHESTRATOR_MODEL_URLS": self.url("model"),
                              "ORCHESTRATOR_FEATURES_URL": self.url("features")},
             "model": {"MODEL_REPOSITORY": str(self.models_dir)},
             "features": {},

@@ -11,12 +11,13 @@ from services.chassis.clients import http_client
 from services.chassis.errors import AppError
 from services.chassis.health import add_ready_check
 from services.chassis.resources import redis_and_postgres
+from services.chassis.upstream import Proxy, UpstreamPool
 
 from .api import admin_ui_router, overview_router, router
 from .overview import Overview, Upstreams
 from .ratelimit import RateLimiter
 from .security import ApiKeyVerifier, Authenticator, JWKSCache, TokenVerifier
-from .service import Gateway, Proxy, UpstreamPool
+from .service import Gateway
 from .settings import GatewaySettings
 
 

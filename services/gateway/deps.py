@@ -4,7 +4,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .service import Gateway, Proxy
+from services.chassis.upstream import Proxy
+
+from .service import Gateway
 
 
 def _gateway(request: Request) -> Gateway:

@@ -15,6 +15,8 @@ import orjson
 from . import metrics, repository
 from .batching import Batcher, BatcherClosed, QueueFull
 from .metrics import PrometheusObserver
+from services.chassis.telemetry import annotate
+
 from .repository import Manifest, TensorSpec
 from .runtimes import Runtime, RuntimeOptions, load_runtime
 
@@ -191,6 +193,7 @@ class DataPlane:
             raise V2Error(500, f"inference failed: {type(exc).__name__}: {exc}") from None
         if timing is not None:
             timing.update(queue=t.queue_s, model=t.compute_s, batch_rows=t.batch_rows)
+        annotate(model=name, version=mv.version, device=mv.device, batch_size=t.batch_rows)
         response = {
             "model_name": name,
             "model_version": mv.version,

@@ -8,6 +8,7 @@ from services.chassis.app import create_service_app
 from services.chassis.clients import http_client
 from services.chassis.health import add_ready_check
 from services.chassis.resources import redis_and_postgres
+from services.chassis.upstream import Proxy, UpstreamPool
 
 from .api import admin, router
 from .cache import ResponseCache
@@ -21,7 +22,8 @@ def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model_http = http_client(settings.model_url, timeout=settings.http_timeout_s)
+        model_http = http_client(timeout=settings.http_timeout_s)
+        models = Proxy(model_http, UpstreamPool("model", settings.model_replicas), retries=1)
         features_http = http_client(settings.features_url, timeout=settings.http_timeout_s)
         async with redis_and_postgres(app, settings):
             policies = PolicyStore(app.state.engine, app.state.redis)
@@ -31,7 +33,7 @@ def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
                 pass
             policies.start(settings.policy_reload_s)
             predictor = Predictor(
-                ModelGateway(model_http, settings.metadata_ttl_s), FeatureClient(features_http),
+                ModelGateway(models, settings.metadata_ttl_s), FeatureClient(features_http),
                 ResponseCache(app.state.redis), policies, app.state.redis,
                 max_batch_rows=settings.max_batch_rows, log_maxlen=settings.prediction_log_maxlen,
                 index_ttl_s=settings.feedback_window_s,
@@ -39,7 +41,10 @@ def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
             app.state.predictor, app.state.policies = predictor, policies
 
             async def model_server():
-                (await model_http.get("/v2/health/live")).raise_for_status()
+                if not models.pool.healthy():
+                    raise RuntimeError("every model server replica is ejected")
+                response = await models.forward("GET", "/v2/health/live", b"", {})
+                response.raise_for_status()
 
             add_ready_check(app, "model", model_server)
             try:

@@ -13,6 +13,8 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 
 from services.chassis.errors import AppError
+from services.chassis.telemetry import annotate
+from services.chassis.upstream import Proxy, UpstreamError
 from services.model.client import decode_rows, encode_rows
 
 from .cache import ResponseCache, cache_key
@@ -35,15 +37,11 @@ FEEDBACK_STREAM = "orchestrator:feedback"
 PREDICTION_INDEX = "orchestrator:prediction"
 
 
-class UpstreamError(AppError):
-    """A failure of the model server itself (not the caller's input): eligible for fallback."""
-
-
 class ModelGateway:
-    """Talks v2 to the model server; caches model metadata so the hot path makes one call."""
+    """Talks v2 to the model server replicas; caches model metadata so the hot path makes one call."""
 
-    def __init__(self, http: httpx.AsyncClient, metadata_ttl_s: float):
-        self.http = http
+    def __init__(self, proxy: Proxy, metadata_ttl_s: float):
+        self.proxy = proxy
         self.ttl = metadata_ttl_s
         self._metadata: dict[tuple[str, str | None], tuple[float, dict]] = {}
 
@@ -63,14 +61,10 @@ class ModelGateway:
 
     async def _call(self, method: str, path: str, body: dict | None = None,
                     timeout: float | None = None) -> httpx.Response:
-        kwargs = {"timeout": timeout} if timeout else {}
-        try:
-            response = await self.http.request(method, path, json=body, **kwargs)
-        except httpx.TimeoutException:
-            raise UpstreamError(504, "upstream_timeout", "model server timed out") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamError(503, "model_unavailable", f"model server unreachable: {type(exc).__name__}",
-                                headers={"Retry-After": "2"}) from None
+        # Inference has no side effects: a replica that fails or times out is retried on another.
+        content = orjson.dumps(body) if body is not None else b""
+        response = await self.proxy.forward(method, path, content, {"content-type": "application/json"},
+                                            timeout_s=timeout, idempotent=True)
         if response.status_code == 404:
             raise AppError(404, "model_not_found", _v2_message(response))
         if response.status_code == 400:
@@ -160,6 +154,7 @@ class Predictor:
         served, outputs = result["version"], result["rows"]
         cached = status in ("hit", "coalesced")
         outcome = Outcome(uuid.uuid4().hex, model, served, cached, outputs)
+        annotate(model=model, version=served, cache_hit=cached, batch_size=len(rows), principal=principal)
         PREDICTIONS.labels(model, served, principal, str(cached).lower()).inc(len(rows))
         if version is None and mirrors(policy, model, key) and policy.shadow.version not in versions:
             self._spawn(self._shadow(model, policy.shadow.version, rows, outputs))

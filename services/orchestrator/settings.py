@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pydantic import AliasChoices, Field
+
 from services.chassis.settings import ServiceSettings, service_config
 
 
@@ -8,7 +10,9 @@ class OrchestratorSettings(ServiceSettings):
 
     service_name: str = "orchestrator"
     port: int = 8002
-    model_url: str = "http://127.0.0.1:8003"
+    # Comma-separated model server replicas; an inference that fails on one is retried on another.
+    model_urls: str = Field("http://127.0.0.1:8003", validation_alias=AliasChoices(
+        "model_urls", "ORCHESTRATOR_MODEL_URLS", "ORCHESTRATOR_MODEL_URL"))
     features_url: str = "http://127.0.0.1:8004"
     # Model metadata (input names and types) changes only on deploys; refresh it this often.
     metadata_ttl_s: float = 30.0
@@ -18,3 +22,7 @@ class OrchestratorSettings(ServiceSettings):
     # How long a prediction id accepts feedback.
     feedback_window_s: int = 7 * 86400
     policy_reload_s: float = 30.0
+
+    @property
+    def model_replicas(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.model_urls.split(",") if u.strip()]

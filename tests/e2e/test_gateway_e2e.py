@@ -127,4 +127,4 @@ def test_requests_keep_succeeding_when_an_orchestrator_replica_is_killed(stack, 
             statuses.append((i, r.status_code, r.text[:200]))
         metrics = c.get("/metrics").text
     assert all(status == 200 for _, status, _ in statuses), [s for s in statuses if s[1] != 200]
-    assert "aistack_gateway_upstream_ejections_total" in metrics
+    assert "aistack_upstream_ejections_total" in metrics

@@ -30,7 +30,7 @@ def model_server(models_dir):
 
 
 def _settings(model_server, database_url, redis_url, **kw) -> OrchestratorSettings:
-    return OrchestratorSettings(model_url=model_server.url, features_url=f"http://127.0.0.1:{free_port()}",
+    return OrchestratorSettings(model_urls=model_server.url, features_url=f"http://127.0.0.1:{free_port()}",
                                 database_url=database_url, redis_url=redis_url, **kw)
 
 
@@ -43,9 +43,7 @@ async def orch(model_server, database_url, redis_url):
             yield c
 
 
-@pytest.fixture(autouse=True)
-async def clean_policies(database_url, redis_url):
-    """Each test starts from the default policy and an empty cache."""
+async def _reset(database_url: str, redis_url: str) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -59,7 +57,15 @@ async def clean_policies(database_url, redis_url):
     async for key in r.scan_iter(match="orchestrator:cache:*"):
         await r.delete(key)
     await r.aclose()
+
+
+@pytest.fixture(autouse=True)
+async def clean_policies(database_url, redis_url):
+    """Each test starts from the default policy and an empty cache, and leaves them so for the
+    stacks of other modules that share this run's database."""
+    await _reset(database_url, redis_url)
     yield
+    await _reset(database_url, redis_url)
 
 
 def infer_count(model_server, version: str) -> float:

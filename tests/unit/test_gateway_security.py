@@ -17,7 +17,7 @@ from services.chassis.errors import AppError
 from services.gateway.ratelimit import Bucket, Decision, approx_tokens
 from services.gateway.routes import ROUTES
 from services.gateway.security import JWKSCache, TokenVerifier
-from services.gateway.service import UpstreamPool
+from services.chassis.upstream import UpstreamPool
 
 PRIVATE, PUBLIC = keymod.generate_keypair("RS256")
 KID = "k1"
