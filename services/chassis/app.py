@@ -60,10 +60,33 @@ def run(app_factory: Callable[[], FastAPI], settings: ServiceSettings) -> None:
     the requests in flight (up to SHUTDOWN_TIMEOUT_S, default 20), runs the lifespan shutdown
     and exits. A second signal skips the drain.
     """
+    tls = tls_options(settings)
     app = app_factory()
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=_env_float("SHUTDOWN_TIMEOUT_S", 20.0))
+                            timeout_graceful_shutdown=_env_float("SHUTDOWN_TIMEOUT_S", 20.0), **tls)
     DrainingServer(config, app, drain_s=_env_float("SHUTDOWN_DRAIN_S", 0.0)).run()
+
+
+def tls_options(settings: ServiceSettings) -> dict:
+    """uvicorn's ssl_* arguments from the TLS settings; {} for plain HTTP.
+
+    Fails at start, naming the variables, when only one of certificate and key is set, when a file
+    is missing, or when TLS is required (<PREFIX>REQUIRE_TLS) and not configured: a service that
+    should be encrypted never silently comes up in plain HTTP.
+    """
+    cert, key = settings.tls_certfile, settings.tls_keyfile
+    prefix = (settings.model_config.get("env_prefix") or "").upper()
+    if not cert and not key:
+        if settings.require_tls:
+            raise RuntimeError(f"{settings.service_name}: {prefix}REQUIRE_TLS is set but {prefix}TLS_CERTFILE "
+                               f"and {prefix}TLS_KEYFILE are not; refusing to serve plain HTTP")
+        return {}
+    if not cert or not key:
+        raise RuntimeError(f"{settings.service_name}: TLS needs both {prefix}TLS_CERTFILE and {prefix}TLS_KEYFILE")
+    for name, path in (("TLS_CERTFILE", cert), ("TLS_KEYFILE", key)):
+        if not os.path.isfile(path):
+            raise RuntimeError(f"{settings.service_name}: {prefix}{name} {path!r} is not a readable file")
+    return {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_keyfile_password": settings.tls_keyfile_password}
 
 
 def _env_float(name: str, default: float) -> float:

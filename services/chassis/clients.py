@@ -1,19 +1,49 @@
 """Factories for outbound connections: pooled, with timeouts, instrumented by telemetry."""
 from __future__ import annotations
 
+import functools
+import os
+import ssl
+
 import httpx
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
 def http_client(base_url: str = "", timeout: float = 10.0, max_connections: int = 200) -> httpx.AsyncClient:
-    """Retries here cover connection failures only (safe for any method); callers retry the rest."""
+    """Retries here cover connection failures only (safe for any method); callers retry the rest.
+
+    https:// upstreams are verified against the public roots plus AISTACK_CA_BUNDLE (a PEM file of
+    extra CAs, e.g. the stack's own development CA); SSL_CERT_FILE / SSL_CERT_DIR replace the
+    public roots altogether, as in every OpenSSL client.
+    """
     return httpx.AsyncClient(
         base_url=base_url,
         timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        transport=httpx.AsyncHTTPTransport(retries=2),
+        transport=httpx.AsyncHTTPTransport(retries=2, verify=tls_client_context()),
     )
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """The trust store for outbound HTTPS (see http_client); built once per CA setting."""
+    return _tls_client_context(os.environ.get("AISTACK_CA_BUNDLE", "").strip(),
+                               os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_client_context(bundle: str, cert_file: str, cert_dir: str) -> ssl.SSLContext:
+    if cert_file or cert_dir:
+        ctx = ssl.create_default_context(cafile=cert_file or None, capath=cert_dir or None)
+    else:
+        import certifi
+
+        ctx = ssl.create_default_context(cafile=certifi.where())
+    if bundle:
+        if not os.path.isfile(bundle):
+            raise RuntimeError(f"AISTACK_CA_BUNDLE {bundle!r} is not a readable file")
+        ctx.load_verify_locations(cafile=bundle)
+    return ctx
 
 
 def redis_client(url: str) -> aioredis.Redis:

@@ -68,7 +68,28 @@ def install_error_handlers(app: FastAPI) -> None:
         details = None if isinstance(exc.detail, str) else exc.detail
         return error_response(exc.status_code, code, message, details, getattr(exc, "headers", None))
 
+    async def _unavailable(request: Request, exc: Exception):
+        # A datastore that is down or restarting is not a bug of ours: 503 + Retry-After, no trace.
+        log.warning("dependency unavailable on %s %s: %s: %s", request.method, request.url.path,
+                    type(exc).__name__, exc)
+        return error_response(503, "dependency_unavailable", "a service this request needs is unavailable; "
+                              "retry later", None, {"Retry-After": "2"})
+
+    for exc_type in dependency_unavailable_errors():
+        app.add_exception_handler(exc_type, _unavailable)
+
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal", "internal server error")
+
+
+def dependency_unavailable_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean Postgres or Redis cannot be reached now (down, restarting, timed out)."""
+    import asyncpg
+    import redis.exceptions as redis_errors
+    from sqlalchemy import exc as sa
+
+    return (ConnectionError, TimeoutError, sa.OperationalError, sa.InterfaceError, sa.TimeoutError,
+            sa.DisconnectionError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError,
+            redis_errors.ConnectionError, redis_errors.TimeoutError)

@@ -1,8 +1,18 @@
-"""JSON logs on stdout, each line carrying the current trace and span ids."""
+"""JSON logs on stdout, each line carrying the current trace and span ids, with secrets scrubbed.
+
+Every record that reaches the root handler goes through `RedactingFilter` first: e-mail
+addresses, JWTs, API keys, Bearer/Basic credentials, Authorization headers, passwords (and other
+secret-named fields) and credentials inside URLs are replaced by `[REDACTED]` markers, in the
+message, its arguments, the `extra` fields and the formatted traceback alike.
+"""
 from __future__ import annotations
 
+import datetime
 import logging
+import re
 import sys
+import uuid
+from typing import Any
 
 from opentelemetry import trace
 from pythonjsonlogger import jsonlogger
@@ -16,9 +26,99 @@ class _TraceContextFilter(logging.Filter):
         return True
 
 
+# -- redaction -----------------------------------------------------------------------------------
+REDACTED = "[REDACTED]"
+# Field names whose values are secret whatever they look like (compared lower-case, "-" as "_").
+SECRET_KEYS = frozenset({
+    "password", "passwd", "pwd", "new_password", "old_password", "current_password", "secret",
+    "client_secret", "token", "access_token", "refresh_token", "id_token", "api_key", "apikey",
+    "x_api_key", "authorization", "proxy_authorization", "cookie", "set_cookie", "private_key",
+    "introspection_token", "x_internal_token",
+})
+_SECRET_NAMES = (r"(?:new_|old_|current_)?passw(?:or)?d|pwd|(?:client_)?secret|(?:access_|refresh_|id_)?token"
+                 r"|api[_-]?key|x-api-key|x-internal-token|(?:proxy-)?authorization|private_key")
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    # Credentials inside URLs: scheme://user:password@host
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@/\s]+@"), rf"\g<1>{REDACTED}@"),
+    # JWTs (header and payload are base64url JSON, so both start with "eyJ").
+    (re.compile(r"\beyJ[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*"), "[REDACTED_JWT]"),
+    # aistack API keys (services/auth: "ak_<8 hex>_<secret>") and common provider key shapes.
+    (re.compile(r"\b(?:ak_[A-Za-z0-9_-]{12,}|sk-[A-Za-z0-9_-]{16,})"), "[REDACTED_API_KEY]"),
+    # Authorization schemes, wherever they appear (headers, reprs, messages).
+    (re.compile(r"(?i)\b(Bearer|Basic|Token|Digest)\s+[A-Za-z0-9._~+/=-]{6,}"), rf"\g<1> {REDACTED}"),
+    # name=value / "name": "value" / name: value pairs whose name says secret.
+    (re.compile(rf"""(?ix)
+        (["']?\b(?:{_SECRET_NAMES})\b["']?\s*[:=]\s*    # the name and its separator,
+         (?:(?:Bearer|Basic|Token|Digest)\s+)?+)         # and an auth scheme, kept
+        (?:"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|(?!\[REDACTED)[^\s,;&}}\])]+)  # the value
+        """), rf"\g<1>{REDACTED}"),
+    # E-mail addresses.
+    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), "[REDACTED_EMAIL]"),
+]
+# LogRecord's own attributes: everything else in record.__dict__ came from `extra`.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "trace_id", "span_id", "taskName"}
+
+
+def redact(text: str) -> str:
+    """Scrub secrets and personal data out of one string."""
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _is_secret_key(key: Any) -> bool:
+    return isinstance(key, str) and key.lower().replace("-", "_") in SECRET_KEYS
+
+
+def redact_value(value: Any, depth: int = 0) -> Any:
+    """Scrub strings, and containers recursively (values under secret-named keys entirely)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, bytes):
+        return redact(value.decode("utf-8", "replace"))
+    if depth > 6:
+        return value
+    if isinstance(value, dict):
+        return {k: REDACTED if _is_secret_key(k) and v is not None else redact_value(v, depth + 1)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [redact_value(v, depth + 1) for v in value]
+    if value is None or isinstance(value, (int, float, bool, datetime.date, datetime.time, uuid.UUID)):
+        return value
+    return redact(str(value))  # anything else is logged through its str(): scrub that
+
+
+class RedactingFilter(logging.Filter):
+    """Scrub a record in place before any handler formats it; never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            if isinstance(record.msg, dict):
+                record.msg = redact_value(record.msg)
+                record.args = ()
+            else:
+                record.msg, record.args = redact(record.getMessage()), ()
+            for key in [k for k in vars(record) if k not in _RECORD_ATTRS]:
+                value = getattr(record, key)
+                setattr(record, key, REDACTED if _is_secret_key(key) and value is not None
+                        else redact_value(value))
+            if record.exc_info and record.exc_info[0] is not None:
+                record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+                record.exc_info = None  # formatters re-render exc_info; exc_text is the scrubbed copy
+            elif record.exc_text:
+                record.exc_text = redact(record.exc_text)
+            if record.stack_info:
+                record.stack_info = redact(record.stack_info)
+        except Exception:  # noqa: BLE001  # a log line must never be lost; drop what we could not scrub
+            record.msg, record.args = "[log message dropped: redaction failed]", ()
+        return True
+
+
 def setup_logging(service: str, level: str = "INFO") -> None:
     """Replace root handlers so uvicorn, celery and our loggers all speak one format."""
     handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(RedactingFilter())
     handler.addFilter(_TraceContextFilter())
     handler.setFormatter(jsonlogger.JsonFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s %(trace_id)s %(span_id)s",

@@ -25,6 +25,14 @@ class ServiceSettings(BaseSettings):
     ready_max_memory_percent: float = 95.0
     ready_check_timeout_s: float = 2.0
     http_timeout_s: float = 10.0
+    # TLS (docs/security.md): with a PEM certificate (chain) and its key the service serves HTTPS
+    # on its port instead of HTTP; prefixed per service (GATEWAY_TLS_CERTFILE, AUTH_TLS_KEYFILE...).
+    # require_tls makes a missing certificate or key a start-up error instead of a plain-HTTP
+    # service (GATEWAY_REQUIRE_TLS=true for a gateway that must never listen unencrypted).
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    tls_keyfile_password: str | None = None
+    require_tls: bool = False
 
     def require(self, field: str) -> str:
         """A dependency URL the service cannot run without: fail at start with the variable to set."""

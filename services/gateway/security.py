@@ -91,6 +91,10 @@ class JWKSCache:
             await self.refresh("stale")
         elif kid not in self.keys and now - self.attempted_at >= self.min_refetch_s:
             await self.refresh("unknown kid")
+        elif kid not in self.keys and self._lock.locked():
+            # A refresh is in flight (a burst on a fresh gateway): wait for it, don't answer 401.
+            async with self._lock:
+                pass
         return self.keys.get(kid)
 
 
