@@ -89,7 +89,9 @@ class Proxy:
         """Send to one replica. A request that never reached its replica is retried on another; an
         idempotent one is also retried after a timeout, a broken connection or a 502/503/504."""
         sent = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
-        attempts = 1 + min(self.retries, len(self.pool.replicas) - 1)
+        # A streamed body can be sent once only: no second attempt.
+        replayable = isinstance(content, (bytes, bytearray))
+        attempts = 1 + min(self.retries, len(self.pool.replicas) - 1) if replayable else 1
         # POST is not idempotent in general; a caller that knows better (inference) says so.
         idempotent = method.upper() in IDEMPOTENT if idempotent is None else idempotent
         timeout = timeout_s or self.timeout_s

@@ -68,9 +68,18 @@ def models_build(
     force: bool = typer.Option(False, help="Rebuild versions that already exist."),
 ) -> None:
     """Train the default models reproducibly into the versioned model repository."""
-    from services.model.build import build
+    from rich.console import Console
+    from rich.progress import Progress
 
-    built = build(repository, force=force)
+    from services.model.build import BUILDERS, build
+
+    built, names = [], list(dict.fromkeys(name for name, _ in BUILDERS))
+    with Progress(console=Console(stderr=True)) as bar:
+        task = bar.add_task("building models", total=len(names))
+        for name in names:
+            bar.update(task, description=f"building {name}")
+            built += build(repository, force=force, only=[name])
+            bar.advance(task)
     typer.echo("built: " + (", ".join(built) if built else "nothing (all present; --force rebuilds)"))
 
 
@@ -91,6 +100,9 @@ def _register_plugins() -> None:
         app.add_typer(module.app, name=getattr(module, "NAME", name))
         for group, sub_app in getattr(module, "GROUPS", {}).items():  # more groups from one module
             app.add_typer(sub_app, name=group)
+    from .admin import register as register_admin  # `aistack login` and `aistack admin ...` (HTTP)
+
+    register_admin(app)
 
 
 def main() -> None:

@@ -48,19 +48,37 @@ async def admin_page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=UI_HEADERS)
 
 
+def _too_large(limit: int) -> AppError:
+    return AppError(413, "payload_too_large", f"request body over {limit} bytes", {"limit": limit})
+
+
 def _body_reader(request: Request):
-    async def read(limit: int) -> bytes:
+    async def read(limit: int, stream: bool = False):
+        if stream:
+            return _limited_stream(request, limit)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise AppError(413, "payload_too_large", f"request body over {limit} bytes", {"limit": limit})
+            raise _too_large(limit)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise AppError(413, "payload_too_large", f"request body over {limit} bytes", {"limit": limit})
+                raise _too_large(limit)
             chunks.append(chunk)
         return b"".join(chunks)
     return read
+
+
+async def _limited_stream(request: Request, limit: int):
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        yield chunk
 
 
 def _endpoint(route: Route):

@@ -12,6 +12,7 @@ Framework-free: an async `fetch(url, headers) -> (status, body)` callable does a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -270,7 +271,7 @@ class Overview:
     def series(self, service: str | None) -> list[dict]:
         ticks = list(self.ring)
         return [{"t": round(now.t, 3), **self.window(before, now, service).stats()}
-                for before, now in zip(ticks, ticks[1:])]
+                for before, now in itertools.pairwise(ticks)]
 
     def model_traffic(self) -> dict[str, dict]:
         """Predictions per second (rows) by model and version, and cache hit ratio by model."""

@@ -22,6 +22,8 @@ class Route:
     # Forward the caller's Authorization / X-API-Key (auth checks credentials itself); other
     # upstreams get the principal in X-Principal headers instead.
     forward_credentials: bool = False
+    # Uploads stream through (up to GATEWAY_MAX_UPLOAD_BYTES) instead of being held in memory.
+    stream_body: bool = False
     summary: str = ""
 
 
@@ -38,6 +40,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/features/{rest:path}", READ, "features", "features:read", summary="Feature registry (read)"),
     Route("/v1/features/{rest:path}", WRITE, "features", "features:write", summary="Feature registry (write)"),
     # jobs: the pipeline's control app serves the job API (docs/pipeline.md)
+    Route("/v1/jobs/batch-inference", ("POST",), "pipeline", "jobs", stream_body=True,
+          summary="Submit a batch inference job (file upload)"),
     Route("/v1/jobs", ALL, "pipeline", "jobs", summary="Jobs"),
     Route("/v1/jobs/{rest:path}", ALL, "pipeline", "jobs", summary="Jobs"),
     # auth: public login / refresh / logout and keys; the rest needs a principal

@@ -92,8 +92,11 @@ class Gateway:
         start = time.perf_counter()
         principal = await self.principal(route, headers, client_ip)
         auth_ms = (time.perf_counter() - start) * 1000
-        body = await read_body(self.s.max_body_bytes)
-        limit_headers = await self.limit(route, principal, body)
+        if route.stream_body:
+            body = await read_body(self.s.max_upload_bytes, stream=True)
+        else:
+            body = await read_body(self.s.max_body_bytes)
+        limit_headers = await self.limit(route, principal, body if isinstance(body, bytes) else b"")
         sent = self.upstream_headers(route, headers, principal, client_ip)
         before = time.perf_counter()
         upstream = await self.proxies[route.upstream].forward(method, path, body, sent, query)

@@ -34,6 +34,7 @@ class GatewaySettings(ServiceSettings):
     retries: int = 1
     upstream_timeout_s: float = 30.0
     max_body_bytes: int = 1_048_576
+    max_upload_bytes: int = 2 * 1024**3
 
     # Access tokens, verified locally against auth's JWKS.
     jwt_issuer: str = "aistack-auth"

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+import httpx
+
 from fastapi import FastAPI
 
 from services.chassis.app import create_service_app
@@ -41,10 +43,18 @@ def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
             app.state.predictor, app.state.policies = predictor, policies
 
             async def model_server():
-                if not models.pool.healthy():
-                    raise RuntimeError("every model server replica is ejected")
-                response = await models.forward("GET", "/v2/health/live", b"", {})
-                response.raise_for_status()
+                # Probe replicas directly: a probe failing while the model server starts must not
+                # count as a failed request and eject the replica from the pool.
+                reasons = []
+                for replica in models.pool.replicas:
+                    try:
+                        r = await model_http.get(f"{replica.url}/v2/health/live", timeout=2.0)
+                        if r.status_code == 200:
+                            return
+                        reasons.append(f"{replica.url}: {r.status_code}")
+                    except httpx.HTTPError as exc:
+                        reasons.append(f"{replica.url}: {type(exc).__name__}")
+                raise RuntimeError("no model server replica is live: " + "; ".join(reasons))
 
             add_ready_check(app, "model", model_server)
             try:

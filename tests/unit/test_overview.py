@@ -17,7 +17,7 @@ def exposition(ok: int, errors: int, latencies: list[float], hits: int = 0, miss
              "# TYPE aistack_http_requests_total counter",
              f'aistack_http_requests_total{{service="s",method="POST",route="{route}",status="200"}} {ok}',
              f'aistack_http_requests_total{{service="s",method="POST",route="{route}",status="503"}} {errors}',
-             f'aistack_http_requests_total{{service="s",method="GET",route="/admin/overview",status="200"}} 999',
+             'aistack_http_requests_total{service="s",method="GET",route="/admin/overview",status="200"} 999',
              "# HELP aistack_http_request_duration_seconds HTTP request latency",
              "# TYPE aistack_http_request_duration_seconds histogram"]
     for le in (*BOUNDS, float("inf")):
@@ -27,10 +27,8 @@ def exposition(ok: int, errors: int, latencies: list[float], hits: int = 0, miss
                      f'le="{label}"}} {n}')
         lines.append(f'aistack_http_request_duration_seconds_bucket{{service="s",method="GET",'
                      f'route="/admin/overview",le="{label}"}} 999')
-    lines += [f'aistack_http_request_duration_seconds_count{{service="s",method="POST",route="{route}"}} '
-              f"{len(latencies)}",
-              f'aistack_http_request_duration_seconds_sum{{service="s",method="POST",route="{route}"}} '
-              f"{sum(latencies)}",
+    lines += [f'aistack_http_request_duration_seconds_count{{service="s",method="POST",route="{route}"}} {len(latencies)}',
+              f'aistack_http_request_duration_seconds_sum{{service="s",method="POST",route="{route}"}} {sum(latencies)}',
               "# HELP aistack_orchestrator_cache_requests_total Response cache lookups by result",
               "# TYPE aistack_orchestrator_cache_requests_total counter",
               f'aistack_orchestrator_cache_requests_total{{model="fraud",result="hit"}} {hits}',

@@ -34,13 +34,18 @@ async function route() {
   const view = VIEWS[name] ? name : "overview";
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === view);
   if (active && active.stop) active.stop();
-  const root = $("view");
-  root.replaceChildren();
+  active = null;
+  // A fresh container per visit: a view still loading when the operator moves on renders into a
+  // detached box (never over the next view), and its polling stops once the box is disconnected.
+  const box = document.createElement("div");
+  $("view").replaceChildren(box);
   document.body.dataset.screen = view;
   try {
-    active = await VIEWS[view].mount(root, rest.map(decodeURIComponent));
+    const mounted = await VIEWS[view].mount(box, rest.map(decodeURIComponent));
+    if (box.isConnected) active = mounted;
+    else if (mounted && mounted.stop) mounted.stop();
   } catch (err) {
-    root.replaceChildren(errorBox(err));
+    box.replaceChildren(errorBox(err));
   }
 }
 

@@ -29,7 +29,11 @@ function fmt(v, unit) {
 export function lineChart(container, { title, unit = "", series, yMax, windowS = 300 }) {
   const W = 480, H = 180, L = 44, R = 12, T = 26, B = 22;
   const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": title });
-  const now = Math.max(Date.now() / 1000, ...series.flatMap((s) => s.points.map((p) => p.t)));
+  const times = series.flatMap((s) => s.points.map((p) => p.t));
+  const now = Math.max(Date.now() / 1000, ...times);
+  // The x axis spans the data we have (at least a minute), up to the server's window.
+  const first = times.length ? Math.min(...times) : now - windowS;
+  windowS = Math.min(windowS, Math.max(60, Math.ceil((now - first) / 30) * 30));
   const t0 = now - windowS;
   const values = series.flatMap((s) => s.points.map((p) => p.v)).filter((v) => v !== null && v !== undefined);
   const top = yMax ?? niceMax(Math.max(0, ...values) * 1.1);
@@ -43,7 +47,7 @@ export function lineChart(container, { title, unit = "", series, yMax, windowS =
     svg.append(el("text", { x: L - 6, y: y(v) + 4, class: "axis", "text-anchor": "end" }, fmt(v, unit === "%" ? "%" : "")));
   }
   for (const ago of [windowS, windowS / 2, 0]) {
-    const label = ago === 0 ? "now" : `-${Math.round(ago / 60)} min`;
+    const label = ago === 0 ? "now" : ago < 120 ? `-${Math.round(ago)} s` : `-${Math.round(ago / 60)} min`;
     svg.append(el("text", { x: x(now - ago), y: H - 6, class: "axis", "text-anchor": ago === windowS ? "start" : ago === 0 ? "end" : "middle" }, label));
   }
   let legendX = W - R;
@@ -61,7 +65,7 @@ export function lineChart(container, { title, unit = "", series, yMax, windowS =
     const label = `${s.name} ${last ? fmt(last.v, unit) : "–"}`;
     const text = el("text", { x: legendX, y: 15, class: `legend ${s.cls || ""}`, "text-anchor": "end" }, label);
     svg.append(text);
-    legendX -= 9 + label.length * 6.2;
+    legendX -= 14 + label.length * 6.6;
   }
   if (!values.length) {
     svg.append(el("text", { x: W / 2, y: H / 2, class: "axis", "text-anchor": "middle" }, "no traffic yet"));
