@@ -9,6 +9,7 @@ import asyncio
 import os
 import secrets
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,10 @@ def database_url(postgres_server_url):
     asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def _claim_redis_db(server_url: str):
-    """An empty Redis db number, claimed atomically so that two concurrent runs never share one."""
+@contextmanager
+def claimed_redis_db(server_url: str):
+    """An empty Redis db number of one's own, claimed atomically so that two runs (or two stacks
+    of one run) never share a keyspace or a Celery queue; flushed when done."""
     import redis
 
     base = server_url.rsplit("/", 1)[0] if server_url.count("/") > 2 else server_url
@@ -90,27 +93,29 @@ def _claim_redis_db(server_url: str):
     for db in candidates:
         client = redis.Redis.from_url(f"{base}/{db}")
         if client.dbsize() == 0 and client.set("aistack:test-claim", os.getpid(), nx=True):
-            return f"{base}/{db}", client
+            break
         client.close()
-    pytest.fail("no empty Redis database (1-15) to isolate this test run")
+    else:
+        pytest.fail("no empty Redis database (1-15) to isolate this test run")
+    try:
+        yield f"{base}/{db}"
+    finally:
+        client.flushdb()
+        client.close()
 
 
 @pytest.fixture(scope="session")
 def redis_url(redis_server_url):
-    """An empty Redis db number of our own for this run, flushed at the end."""
-    url, client = _claim_redis_db(redis_server_url)
-    yield url
-    client.flushdb()
-    client.close()
+    """An empty Redis db of our own for this run."""
+    with claimed_redis_db(redis_server_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def private_redis_url(redis_server_url):
-    """A Redis db for one module whose tests read whole streams or keyspaces."""
-    url, client = _claim_redis_db(redis_server_url)
-    yield url
-    client.flushdb()
-    client.close()
+    """A Redis db for one module whose tests read whole streams or keyspaces, or run a worker."""
+    with claimed_redis_db(redis_server_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import _admin, _with_db, free_port
-from tests.e2e.test_tracing import SERVER, OtlpReceiver, claimed_redis_db
+from tests.conftest import _admin, _with_db, claimed_redis_db, free_port
+from tests.e2e.test_tracing import SERVER, OtlpReceiver
 
 pytestmark = pytest.mark.e2e
 

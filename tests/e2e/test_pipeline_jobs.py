@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 import signal
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.demo import synthetic
-from tests.conftest import STACK_ENV, free_port
+from tests.conftest import STACK_ENV, claimed_redis_db, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -120,21 +119,8 @@ def test_server_side_path_cancel_and_bad_requests(stack):
 @pytest.fixture()
 def own_broker(redis_server_url):
     """A Redis db of our own: the stack's worker must not take our tasks."""
-    import redis
-
-    base = redis_server_url.rsplit("/", 1)[0] if redis_server_url.count("/") > 2 else redis_server_url
-    dbs = list(range(1, 16))
-    secrets.SystemRandom().shuffle(dbs)
-    for db in dbs:
-        client = redis.Redis.from_url(f"{base}/{db}")
-        if client.dbsize() == 0 and client.set("aistack:test-claim", os.getpid(), nx=True):
-            break
-        client.close()
-    else:
-        pytest.skip("no free Redis db for a second broker")
-    yield f"{base}/{db}"
-    client.flushdb()
-    client.close()
+    with claimed_redis_db(redis_server_url) as url:
+        yield url
 
 
 @pytest.fixture()

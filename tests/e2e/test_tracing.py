@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.conftest import STACK_ENV, free_port
+from tests.conftest import STACK_ENV, claimed_redis_db, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -186,28 +185,6 @@ def receiver():
     r = OtlpReceiver()
     yield r
     r.close()
-
-
-@contextmanager
-def claimed_redis_db(redis_server_url: str):
-    """A Redis db of one's own: a stack's worker must not share a queue with another stack's."""
-    import redis
-
-    base = redis_server_url.rsplit("/", 1)[0] if redis_server_url.count("/") > 2 else redis_server_url
-    candidates = list(range(1, 16))
-    secrets.SystemRandom().shuffle(candidates)
-    for db in candidates:
-        client = redis.Redis.from_url(f"{base}/{db}")
-        if client.dbsize() == 0 and client.set("aistack:test-claim", os.getpid(), nx=True):
-            break
-        client.close()
-    else:
-        pytest.fail("no empty Redis database (1-15) for another stack")
-    try:
-        yield f"{base}/{db}"
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,10 @@ import hashlib
 import hmac
 import json
 import secrets
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
@@ -26,31 +24,9 @@ from services.auth.app import create_app as auth_app
 from services.chassis.clients import asyncpg_url
 from services.gateway.app import create_app as gateway_app
 from services.gateway.settings import GatewaySettings
+from tests.conftest import ServedApp as Server
 from tests.conftest import free_port
 from tests.integration.test_auth_service import ADMIN_EMAIL, ADMIN_PASSWORD, auth_db, auth_settings  # noqa: F401
-
-
-class Server:
-    """An ASGI app served by uvicorn in a thread, on a free port."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None,
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def echo_app(name: str) -> Starlette:
