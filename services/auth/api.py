@@ -1,22 +1,27 @@
 from __future__ import annotations
 
 import hmac
+import uuid
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
 
 from services.chassis.errors import AppError
 
-from .deps import AdminPrincipal, Auth, ClientIP, Principal
+from .deps import AdminPrincipal, Audit, Auth, ClientIP, Principal, SubjectsDep
 from .schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyOut,
+    AuditEventIn,
     IntrospectRequest,
     MeOut,
     RefreshRequest,
     RegisterRequest,
     RotateOut,
+    SubjectLinkIn,
     TokenResponse,
     UserCreate,
     UserOut,
@@ -102,23 +107,30 @@ async def introspect(body: IntrospectRequest, auth: Auth, request: Request) -> d
 
 @admin.get("/users", response_model=list[UserOut])
 async def list_users(_: AdminPrincipal, auth: Auth, limit: int = Query(100, ge=1, le=1000),
-                     offset: int = Query(0, ge=0)) -> list[UserOut]:
+                     offset: int = Query(0, ge=0, le=2**31 - 1)) -> list[UserOut]:
     return [UserOut.model_validate(u) for u in await auth.list_users(limit, offset)]
 
 
 @admin.post("/users", response_model=UserOut, status_code=201)
-async def create_user(body: UserCreate, _: AdminPrincipal, auth: Auth) -> UserOut:
-    return UserOut.model_validate(await auth.create_user(body.email, body.password, body.role))
+async def create_user(body: UserCreate, admin_: AdminPrincipal, auth: Auth, audit: Audit) -> UserOut:
+    user = await auth.create_user(body.email, body.password, body.role)
+    await audit.record(admin_.sub, "user.create", str(user.id), actor_role=admin_.role, details={"role": user.role})
+    return UserOut.model_validate(user)
 
 
 @admin.patch("/users/{user_id}", response_model=UserOut, summary="Set a user's role or disable them")
-async def update_user(user_id: str, body: UserUpdate, _: AdminPrincipal, auth: Auth) -> UserOut:
-    return UserOut.model_validate(await auth.update_user(user_id, role=body.role, disabled=body.disabled))
+async def update_user(user_id: str, body: UserUpdate, admin_: AdminPrincipal, auth: Auth, audit: Audit) -> UserOut:
+    user = await auth.update_user(user_id, role=body.role, disabled=body.disabled)
+    await audit.record(admin_.sub, "user.update", str(user.id), actor_role=admin_.role,
+                       details=body.model_dump(exclude_none=True, include={"role", "disabled"}))
+    return UserOut.model_validate(user)
 
 
 @admin.post("/users/{user_id}/disable", response_model=UserOut)
-async def disable_user(user_id: str, _: AdminPrincipal, auth: Auth) -> UserOut:
-    return UserOut.model_validate(await auth.update_user(user_id, disabled=True))
+async def disable_user(user_id: str, admin_: AdminPrincipal, auth: Auth, audit: Audit) -> UserOut:
+    user = await auth.update_user(user_id, disabled=True)
+    await audit.record(admin_.sub, "user.disable", str(user.id), actor_role=admin_.role)
+    return UserOut.model_validate(user)
 
 
 @admin.get("/api-keys", response_model=list[ApiKeyOut])
@@ -128,19 +140,121 @@ async def list_api_keys(_: AdminPrincipal, auth: Auth) -> list[ApiKeyOut]:
 
 @admin.post("/api-keys", response_model=ApiKeyCreated, status_code=201)
 async def create_api_key(body: ApiKeyCreate, principal: AdminPrincipal, auth: Auth,
-                         response: Response) -> ApiKeyCreated:
+                         response: Response, audit: Audit) -> ApiKeyCreated:
     owner = principal.sub if principal.kind == "user" else None
     row, key = await auth.create_api_key(body.name, body.role, body.scopes, body.expires_in_s,
                                          body.rate_limit_rpm, owner)
     response.headers.update(NO_STORE)
+    await audit.record(principal.sub, "api_key.create", str(row.id), actor_role=principal.role,
+                       details={"role": row.role, "scopes": list(row.scopes), "prefix": row.prefix})
     return ApiKeyCreated(**ApiKeyOut.model_validate(row).model_dump(), key=key)
 
 
 @admin.delete("/api-keys/{key_id}", response_model=ApiKeyOut, summary="Revoke an API key")
-async def revoke_api_key(key_id: str, _: AdminPrincipal, auth: Auth) -> ApiKeyOut:
-    return ApiKeyOut.model_validate(await auth.revoke_api_key(key_id))
+async def revoke_api_key(key_id: str, admin_: AdminPrincipal, auth: Auth, audit: Audit) -> ApiKeyOut:
+    row = await auth.revoke_api_key(key_id)
+    await audit.record(admin_.sub, "api_key.revoke", str(row.id), actor_role=admin_.role, details={"prefix": row.prefix})
+    return ApiKeyOut.model_validate(row)
 
 
 @admin.post("/signing-keys/rotate", response_model=RotateOut)
-async def rotate(_: AdminPrincipal, auth: Auth) -> RotateOut:
-    return RotateOut(kid=await auth.keys.rotate())
+async def rotate(admin_: AdminPrincipal, auth: Auth, audit: Audit) -> RotateOut:
+    kid = await auth.keys.rotate()
+    await audit.record(admin_.sub, "signing_key.rotate", kid, actor_role=admin_.role)
+    return RotateOut(kid=kid)
+
+
+# -- privacy: the caller's own data, the audit log, data subjects (docs/privacy.md) -----------------
+me_router = APIRouter(prefix="/v1/me", tags=["privacy"])
+
+
+async def _subject_of(principal, auth, subjects) -> uuid.UUID:
+    """The user behind a credential: the user itself, or the owner of an API key."""
+    if principal.kind == "user":
+        return (await auth.get_user(principal.sub)).id
+    owner = await subjects.api_key_owner(principal.claims.get("key_id", ""))
+    if owner is None:
+        raise AppError(400, "not_a_data_subject", "this API key belongs to no user; ask an admin")
+    return owner
+
+
+@me_router.get("/export", summary="Everything stored about the caller, across the services")
+async def export_me(principal: Principal, auth: Auth, subjects: SubjectsDep, response: Response) -> dict:
+    response.headers.update(NO_STORE)
+    return jsonable_encoder(await subjects.export(await _subject_of(principal, auth, subjects)))
+
+
+@me_router.delete("", summary="Erase the caller's account and data in every service (signed-in users only)")
+async def erase_me(principal: Principal, subjects: SubjectsDep) -> dict:
+    if principal.kind != "user":
+        raise AppError(403, "user_token_required", "erasing an account needs the user's own access token, "
+                       "not an API key")
+    return await subjects.erase(uuid.UUID(principal.sub), actor=principal.sub, actor_role=principal.role,
+                                by_self=True)
+
+
+def _uuid(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise AppError(404, "user_not_found", "no such user") from None
+
+
+@admin.get("/users/{user_id}/data", summary="Export a user's data (admin)")
+async def export_user(user_id: str, admin_: AdminPrincipal, subjects: SubjectsDep, audit: Audit,
+                      response: Response) -> dict:
+    doc = jsonable_encoder(await subjects.export(_uuid(user_id)))
+    await audit.record(admin_.sub, "subject.export", user_id, actor_role=admin_.role)
+    response.headers.update(NO_STORE)
+    return doc
+
+
+@admin.delete("/users/{user_id}/data", summary="Erase a user's account and data in every service (admin)")
+async def erase_user(user_id: str, admin_: AdminPrincipal, subjects: SubjectsDep) -> dict:
+    """Idempotent: erasing again (or an id whose account is gone) removes what is left and answers 200."""
+    return await subjects.erase(_uuid(user_id), actor=admin_.sub, actor_role=admin_.role, by_self=False)
+
+
+@admin.get("/users/{user_id}/links", summary="Entity ids linked to a user (exported and erased with them)")
+async def list_links(user_id: str, _: AdminPrincipal, auth: Auth, subjects: SubjectsDep) -> list[dict]:
+    return await subjects.links((await auth.get_user(user_id)).id)
+
+
+@admin.post("/users/{user_id}/links", status_code=201, summary="Link an entity id (e.g. a customer) to a user")
+async def add_link(user_id: str, body: SubjectLinkIn, admin_: AdminPrincipal, auth: Auth, subjects: SubjectsDep,
+                   audit: Audit) -> dict:
+    uid = (await auth.get_user(user_id)).id
+    await subjects.link(uid, body.entity, body.entity_id)
+    await audit.record(admin_.sub, "user.link", str(uid), actor_role=admin_.role, details={"entity": body.entity})
+    return {"entity": body.entity, "entity_id": body.entity_id}
+
+
+@admin.delete("/users/{user_id}/links/{entity}/{entity_id}", summary="Unlink an entity id from a user")
+async def remove_link(user_id: str, entity: str, entity_id: str, admin_: AdminPrincipal, auth: Auth,
+                      subjects: SubjectsDep, audit: Audit) -> dict:
+    uid = (await auth.get_user(user_id)).id
+    n = await subjects.unlink(uid, entity, entity_id)
+    await audit.record(admin_.sub, "user.unlink", str(uid), actor_role=admin_.role, details={"entity": entity})
+    return {"deleted": n}
+
+
+@admin.get("/audit", summary="Audit log of admin actions, newest first (admin)")
+async def audit_log(_: AdminPrincipal, audit: Audit, action: str | None = Query(None, max_length=64),
+                    actor: str | None = Query(None, max_length=200), target: str | None = Query(None, max_length=300),
+                    service: str | None = Query(None, max_length=32), since: datetime | None = None,
+                    until: datetime | None = None, before_id: int | None = Query(None, ge=1, le=2**63 - 1),
+                    limit: int = Query(100, ge=1, le=1000)) -> dict:
+    entries = await audit.list(action=action, actor=actor, target=target, service=service, since=since,
+                               until=until, before_id=before_id, limit=limit)
+    return {"entries": jsonable_encoder(entries),
+            "next_before_id": entries[-1]["id"] if len(entries) == limit else None}
+
+
+@internal.post("/audit", status_code=202, summary="Record another service's admin action (X-Internal-Token)")
+async def post_audit(body: AuditEventIn, audit: Audit, request: Request) -> dict:
+    from services.chassis.internal import check_internal_token
+
+    check_internal_token(request.app.state.settings.internal_token, request.headers.get("x-internal-token"))
+    await audit.record(body.actor, body.action, body.target, actor_role=body.actor_role, details=body.details,
+                       service=body.service)
+    return {"recorded": True}

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from services.chassis.app import create_service_app
+from services.chassis.clients import http_client
 from services.chassis.resources import redis_and_postgres
 
-from .api import admin, internal, public, router
+from .api import admin, internal, me_router, public, router
+from .privacy import AuditLog, Subjects
 from .service import AuthService
 from .settings import AuthSettings
 
@@ -23,12 +26,25 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
             app.state.auth = auth
             await auth.keys.ensure()
             await auth.bootstrap_admin(settings.bootstrap_admin_email, settings.bootstrap_admin_password)
-            yield
+            # Privacy (docs/privacy.md): audit log, data-subject export and erasure.
+            app.state.audit = AuditLog(auth.sessions, app.state.redis)
+            subjects_http = http_client(timeout=settings.subject_timeout_s)
+            app.state.subjects = Subjects(auth.sessions, app.state.audit, subjects_http, settings)
+            stop = asyncio.Event()
+            consumer = asyncio.create_task(app.state.audit.consume(stop)) if settings.audit_consumer else None
+            try:
+                yield
+            finally:
+                stop.set()
+                if consumer is not None:
+                    await asyncio.wait({consumer}, timeout=5.0)
+                    consumer.cancel()
+                await subjects_http.aclose()
 
     app = create_service_app(settings, title="aistack auth",
                              description="Users, roles, tokens, API keys and JWKS.", lifespan=lifespan)
     app.state.trusted_proxies = [ipaddress.ip_network(c.strip(), strict=False)
                                  for c in settings.trusted_proxies.split(",") if c.strip()]
-    for r in (router, admin, public, internal):
+    for r in (router, admin, public, internal, me_router):
         app.include_router(r)
     return app

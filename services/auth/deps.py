@@ -4,6 +4,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from services.chassis.errors import AppError
+
+from .privacy import AuditLog, Subjects
 from .service import API_KEY_PREFIX, AuthService, client_address, unauthorized
 from .service import Principal as Caller
 
@@ -32,7 +35,10 @@ async def _principal(request: Request, auth: Auth) -> Caller:
         principal = await auth.principal_from_api_key(token)
     else:
         principal = await auth.verify_access(token)
-        user = await auth.get_user(principal.sub) if principal.sub else None
+        try:
+            user = await auth.get_user(principal.sub) if principal.sub else None
+        except AppError:  # erased (docs/privacy.md): its access tokens die with it
+            user = None
         if user is None or user.disabled:
             raise unauthorized("account disabled")
     return principal
@@ -55,3 +61,15 @@ def _client_ip(request: Request) -> str | None:
 
 
 ClientIP = Annotated[str | None, Depends(_client_ip)]
+
+
+def _audit(request: Request):
+    return request.app.state.audit
+
+
+def _subjects(request: Request):
+    return request.app.state.subjects
+
+
+Audit = Annotated[AuditLog, Depends(_audit)]
+SubjectsDep = Annotated[Subjects, Depends(_subjects)]

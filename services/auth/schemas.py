@@ -52,8 +52,8 @@ class ApiKeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     role: str = "service"
     scopes: list[str] | None = None
-    expires_in_s: int | None = Field(default=None, gt=0)
-    rate_limit_rpm: int | None = Field(default=None, gt=0)
+    expires_in_s: int | None = Field(default=None, gt=0, le=10 * 365 * 86400)  # at most ten years
+    rate_limit_rpm: int | None = Field(default=None, gt=0, le=2**31 - 1)
 
 
 class ApiKeyOut(BaseModel):
@@ -82,3 +82,19 @@ class IntrospectRequest(BaseModel):
 
 class RotateOut(BaseModel):
     kid: str
+
+
+class SubjectLinkIn(BaseModel):
+    entity: str = Field(min_length=1, max_length=63, pattern=r"^[a-z_][a-z0-9_]*$", examples=["customer"])
+    entity_id: str = Field(min_length=1, max_length=200, examples=["C0042"])
+
+
+class AuditEventIn(BaseModel):
+    """An admin action of another service; `details` must carry no secrets or personal data."""
+
+    service: str = Field(min_length=1, max_length=32)
+    actor: str = Field(min_length=1, max_length=200)
+    actor_role: str = Field(default="", max_length=32)
+    action: str = Field(min_length=1, max_length=64)
+    target: str = Field(default="", max_length=300)
+    details: dict = Field(default_factory=dict)

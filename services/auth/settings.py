@@ -41,3 +41,13 @@ class AuthSettings(ServiceSettings):
     # Peers whose X-Forwarded-For is believed (the gateway); comma-separated CIDRs.
     trusted_proxies: str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
     default_role: str = "viewer"
+
+    # Privacy (docs/privacy.md): the owners' internal APIs that export and erase a data subject's
+    # data (called with INTERNAL_TOKEN), and the secret salt of the subject hash in erasure records.
+    orchestrator_url: str = "http://127.0.0.1:8002"
+    pipeline_url: str = "http://127.0.0.1:9100"
+    features_url: str = "http://127.0.0.1:8004"
+    subject_timeout_s: float = 60.0
+    audit_salt: str | None = None
+    # Audit events of other services (Redis stream auth:audit:events) are stored by this loop.
+    audit_consumer: bool = True

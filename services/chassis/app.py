@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from .errors import install_error_handlers
 from .health import install_health, mark_draining
+from .limits import install_body_limit
 from .logs import setup_logging
 from .metrics import install_metrics
 from .settings import ServiceSettings
@@ -45,6 +46,7 @@ def create_service_app(settings: ServiceSettings, *, title: str, description: st
     app = FastAPI(title=title, description=description, version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings
     install_error_handlers(app)
+    install_body_limit(app, settings.max_body_bytes)
     install_health(app, settings)
     install_metrics(app, settings.service_name)
     instrument_app(app)

@@ -51,7 +51,46 @@ def _validation_details(exc: RequestValidationError) -> tuple[int, str, str, lis
     return 422, "validation_error", f"invalid request: {fields}", details
 
 
+ERROR_SCHEMA = {
+    "title": "Error", "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"}, "details": {}}}},
+}
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def document_errors(schema: dict) -> dict:
+    """The OpenAPI document tells the truth about errors: every operation may answer 4XX in the
+    shared shape (401, 403, 404, 413, 429, ...), FastAPI's 422 schema is replaced by that shape,
+    and declared error responses without a schema get it. An operation that declares its own
+    "4XX" (the model server's /v2 protocol errors) keeps it."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Error"] = ERROR_SCHEMA
+    components["HTTPValidationError"] = ERROR_SCHEMA
+    for item in schema.get("paths", {}).values():
+        for op in item.values():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            responses = op["responses"]
+            for code, response in responses.items():
+                content = response.get("content", {}).get("application/json")
+                if code[:1] in "45" and content is not None and "schema" not in content:
+                    content["schema"] = _ERROR_REF
+            responses.setdefault("4XX", {"description": "Error (the shared error shape)",
+                                         "content": {"application/json": {"schema": _ERROR_REF}}})
+    return schema
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    build_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(build_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi
+
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)

@@ -25,6 +25,13 @@ class ServiceSettings(BaseSettings):
     ready_max_memory_percent: float = 95.0
     ready_check_timeout_s: float = 2.0
     http_timeout_s: float = 10.0
+    # Largest request body a service reads (services/chassis/limits.py); larger ones get 413.
+    # Prefixed per service (ORCHESTRATOR_MAX_BODY_BYTES...); routes may set their own (uploads).
+    max_body_bytes: int = 10 * 1024 * 1024
+    # Shared secret for /internal/* endpoints (services/chassis/internal.py), one for the stack,
+    # unprefixed like DATABASE_URL; unset: internal endpoints answer 403.
+    internal_token: str | None = Field(default=None, validation_alias=AliasChoices("internal_token",
+                                                                                  "INTERNAL_TOKEN"))
     # TLS (docs/security.md): with a PEM certificate (chain) and its key the service serves HTTPS
     # on its port instead of HTTP; prefixed per service (GATEWAY_TLS_CERTFILE, AUTH_TLS_KEYFILE...).
     # require_tls makes a missing certificate or key a start-up error instead of a plain-HTTP

@@ -113,12 +113,19 @@ class Stack:
         logs.mkdir(exist_ok=True)
         base = {**os.environ, "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
                 "PYTHONUNBUFFERED": "1", **self.extra_env}
+        # One shared secret for the services' /internal/* endpoints (docs/privacy.md).
+        if not base.get("INTERNAL_TOKEN"):
+            import secrets
+
+            base["INTERNAL_TOKEN"] = secrets.token_urlsafe(32)
         wiring = {
             "gateway": {"GATEWAY_ORCHESTRATOR_URLS": self.url("orchestrator"), "GATEWAY_AUTH_URL": self.url("auth"),
                         "GATEWAY_FEATURES_URL": self.url("features"), "GATEWAY_MODEL_URLS": self.url("model"),
                         "GATEWAY_PIPELINE_URLS": self.url("pipeline")},
             "auth": {"AUTH_BOOTSTRAP_ADMIN_EMAIL": self.admin_email or "",
-                     "AUTH_BOOTSTRAP_ADMIN_PASSWORD": self.admin_password or ""},
+                     "AUTH_BOOTSTRAP_ADMIN_PASSWORD": self.admin_password or "",
+                     "AUTH_ORCHESTRATOR_URL": self.url("orchestrator"), "AUTH_PIPELINE_URL": self.url("pipeline"),
+                     "AUTH_FEATURES_URL": self.url("features")},
             "orchestrator": {"ORCHESTRATOR_MODEL_URLS": self.url("model"),
                              "ORCHESTRATOR_FEATURES_URL": self.url("features")},
             "model": {"MODEL_REPOSITORY": str(self.models_dir)},

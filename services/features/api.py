@@ -1,11 +1,12 @@
 """Routes: parse, call the FeatureStore, answer. Public /v1/features/*, admin /admin/features/*."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Query
 
 from services.chassis.errors import error_body
+from services.chassis.internal import require_internal
 
 from .deps import StoreDep
 from .schemas import (
@@ -154,3 +155,32 @@ def _same(path_name: str, body_name: str) -> None:
 
     if path_name != body_name:
         raise AppError(422, "name_mismatch", f"path says '{path_name}', body says '{body_name}'")
+
+
+# -- PII and data subjects (docs/privacy.md) -------------------------------------------------------
+@admin.post("/pii/rotate", summary="Re-encrypt PII feature values with the current key")
+async def rotate_pii_key(store: StoreDep) -> dict:
+    """After putting a new key first in FEATURES_PII_KEYS on every replica (old keys kept)."""
+    from .privacy import rotate_pii
+
+    return await rotate_pii(store)
+
+
+internal = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False,
+                     dependencies=[Depends(require_internal)])
+
+
+@internal.get("/subjects", summary="Everything stored about linked entity ids (auth's export)")
+async def subject_export(store: StoreDep, entity: Annotated[str, Query(max_length=63)],
+                         ids: Annotated[list[str], Query(max_length=1000)]) -> dict:
+    from .privacy import subject_export as export
+
+    return await export(store, entity, ids)
+
+
+@internal.delete("/subjects", summary="Erase the offline rows and online values of linked entity ids")
+async def subject_erase(store: StoreDep, entity: Annotated[str, Query(max_length=63)],
+                        ids: Annotated[list[str], Query(max_length=1000)]) -> dict:
+    from .privacy import subject_erase as erase
+
+    return await erase(store, entity, ids)

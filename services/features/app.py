@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from services.chassis.app import create_service_app
 from services.chassis.resources import redis_and_postgres
 
-from .api import admin, router
+from .api import admin, internal, router
 from .service import FeatureStore
 from .settings import FeaturesSettings
 
@@ -26,7 +26,8 @@ def create_app(settings: FeaturesSettings | None = None) -> FastAPI:
                 app.state.engine, app.state.redis, prefix=settings.redis_prefix,
                 registry_cache_s=settings.registry_cache_s, expired_grace_s=settings.expired_grace_s,
                 max_online_ids=settings.max_online_ids, max_historical_rows=settings.max_historical_rows,
-                max_push_rows=settings.max_push_rows, materialize_lag_s=settings.materialize_lag_s)
+                max_push_rows=settings.max_push_rows, materialize_lag_s=settings.materialize_lag_s,
+                pii_keys=settings.pii_keys or "")
             app.state.store = store
             if settings.seed_demo:
                 report = await store.seed_demo(settings.seed_customers, settings.seed_snapshots)
@@ -45,6 +46,7 @@ def create_app(settings: FeaturesSettings | None = None) -> FastAPI:
                              lifespan=lifespan)
     app.include_router(router)
     app.include_router(admin)
+    app.include_router(internal)
     return app
 
 

@@ -116,3 +116,38 @@ def ingest(
     except AppError as exc:
         _fail(exc)
     typer.echo(f"ingested {n} rows into '{view}' (offline store); materialise to serve them online")
+
+
+@app.command("rotate-pii-key")
+def rotate_pii_key(
+    database_url: str = _DB,
+    redis_url: str | None = typer.Option(None, envvar="REDIS_URL", help="Redis of the online store "
+                                         "(default: offline store only)."),
+    redis_prefix: str = typer.Option("features:", envvar="FEATURES_REDIS_PREFIX"),
+) -> None:
+    """Re-encrypt every PII feature value with the first key of FEATURES_PII_KEYS (docs/privacy.md).
+
+    Put the new key first and keep the old ones in FEATURES_PII_KEYS on every features replica,
+    run this, then drop the old keys."""
+    from services.chassis.clients import db_engine, redis_client
+    from services.chassis.errors import AppError
+
+    from .privacy import rotate_pii
+    from .service import FeatureStore
+
+    async def main():
+        engine = db_engine(database_url, pool_size=2)
+        redis = redis_client(redis_url) if redis_url else None
+        try:
+            return await rotate_pii(FeatureStore(engine, redis, prefix=redis_prefix))
+        finally:
+            await engine.dispose()
+            if redis is not None:
+                await redis.aclose()
+
+    try:
+        report = asyncio.run(main())
+    except AppError as exc:
+        _fail(exc)
+    typer.echo(f"re-encrypted {report['offline_rows']} offline rows and {report['online_values']} online values "
+               f"(views: {', '.join(report['views']) or 'none with PII features'})")

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.chassis.limits import reject_non_finite
+
 NAME = r"^[a-z_][a-z0-9_]{0,62}$"
 FeatureDtype = Literal["int", "float", "string", "bool"]
 KeyDtype = Literal["string", "int"]
@@ -38,7 +40,7 @@ class EntitySpec(BaseModel):
     name: str = Field(pattern=NAME, examples=["customer"])
     join_key: str = Field(pattern=NAME, examples=["customer_id"])
     dtype: KeyDtype = "string"
-    description: str = ""
+    description: str = Field(default="", max_length=2000)
 
 
 class FeatureSpec(BaseModel):
@@ -46,7 +48,10 @@ class FeatureSpec(BaseModel):
 
     name: str = Field(pattern=NAME, examples=["txn_count_24h"])
     dtype: FeatureDtype = "float"
-    description: str = ""
+    description: str = Field(default="", max_length=2000)
+    pii: bool = Field(default=False, description=(
+        "Personal data: values are encrypted at rest (offline and online stores) and never logged "
+        "(docs/privacy.md)."))
 
 
 class FeatureViewSpec(BaseModel):
@@ -58,9 +63,9 @@ class FeatureViewSpec(BaseModel):
     entity: str = Field(pattern=NAME, examples=["customer"])
     features: list[FeatureSpec] = Field(min_length=1)
     ttl_seconds: int = Field(default=0, ge=0, description="Values older than this read as expired; 0: never.")
-    description: str = ""
-    owner: str = ""
-    tags: dict[str, str] = Field(default_factory=dict)
+    description: str = Field(default="", max_length=2000)
+    owner: str = Field(default="", max_length=200)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=64)
 
     @model_validator(mode="before")
     @classmethod
@@ -179,8 +184,13 @@ class PushRequest(BaseModel):
     view: str
     rows: list[dict[str, Any]] = Field(min_length=1, description=(
         "Each row: the entity's join key, `event_time` (ISO 8601 or epoch seconds; default now) "
-        "and every feature of the view, typed as the registry says (null allowed)."))
+        "and every feature of the view, typed as the registry says (null allowed; no NaN or infinity)."))
     to: Literal["online_and_offline", "online", "offline"] = "online_and_offline"
+
+    @field_validator("rows")
+    @classmethod
+    def _finite(cls, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return reject_non_finite(rows, "rows")
 
 
 class PushResponse(BaseModel):

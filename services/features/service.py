@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .models import (
     offline_rows,
     registry_history,
 )
+from .pii import PiiCipher
 from .schemas import Change, Entity, EntitySpec, FeatureView, FeatureViewSpec, RegistryDoc
 from .store import OnlineLookup, OnlineRow, OnlineStore, latest_in_window_sql, pit_sql, to_ms
 
@@ -231,8 +233,10 @@ class FeatureStore:
     def __init__(self, engine: AsyncEngine, redis=None, *, prefix: str = "features:",
                  registry_cache_s: float = 5.0, expired_grace_s: int = 86400, max_online_ids: int = 1000,
                  max_historical_rows: int = 100_000, max_push_rows: int = 10_000,
-                 materialize_lag_s: int = 0):
+                 materialize_lag_s: int = 0, pii_keys: str | None = None):
         self.engine = engine
+        # PII features are sealed at rest (pii.py); keys default to FEATURES_PII_KEYS.
+        self.pii = PiiCipher(pii_keys if pii_keys is not None else os.environ.get("FEATURES_PII_KEYS"))
         self.online_store = OnlineStore(redis, prefix, expired_grace_s) if redis is not None else None
         self.registry_cache_s = registry_cache_s
         self.max_online_ids = max_online_ids
@@ -465,7 +469,7 @@ class FeatureStore:
             raise AppError(413, "too_many_rows", f"at most {self.max_push_rows} rows per push")
         reg = await self.registry()
         view = reg.view(view_name)
-        typed = self.validate_rows(reg, view, rows, default_time=utcnow())
+        typed = self.seal_rows(view, self.validate_rows(reg, view, rows, default_time=utcnow()))
         offline = written = skipped = 0
         if to in ("online_and_offline", "offline"):
             offline = await self._insert_offline(view.name, typed, "push")
@@ -506,7 +510,14 @@ class FeatureStore:
             exc.message = "invalid rows: " + ", ".join(
                 sorted({f"row {d['loc'][1]} {d['loc'][2]}: {d['msg']}" for d in (exc.details or [])[:10]}))
             raise
-        return await self._insert_offline(view.name, typed, source, conn)
+        return await self._insert_offline(view.name, self.seal_rows(view, typed), source, conn)
+
+    def seal_rows(self, view: FeatureView, rows: list[OnlineRow]) -> list[OnlineRow]:
+        """Encrypt the values of the view's PII features (both stores keep them sealed)."""
+        pii = {f.name for f in view.features if f.pii}
+        if not pii:
+            return rows
+        return [OnlineRow(r.entity_key, r.event_ms, self.pii.seal_values(r.values, pii)) for r in rows]
 
     def _online(self) -> OnlineStore:
         if self.online_store is None:
@@ -542,6 +553,7 @@ class FeatureStore:
                 expired = ts is not None and view.ttl_seconds > 0 and now_ms - ts > view.ttl_seconds * 1000
                 event_time = datetime.fromtimestamp(ts / 1000, UTC) if ts is not None else None
                 for fname, value in zip(sel.features[view.name], values):
+                    value = self.pii.open(value)
                     if value is None:
                         status = "missing"
                     elif expired:
@@ -590,7 +602,7 @@ class FeatureStore:
             for j, view in enumerate(sel.views):
                 event_time, status, values = row[1 + 3 * j], row[2 + 3 * j], row[3 + 3 * j]
                 for fname in sel.features[view.name]:
-                    value = (values or {}).get(fname) if status == "present" else None
+                    value = self.pii.open((values or {}).get(fname)) if status == "present" else None
                     st = "missing" if status == "present" and value is None else status
                     found[(view.name, fname)] = (value, st, event_time)
             out.append({**_shape(src["id"], sel, found), "timestamp": ts})

@@ -26,3 +26,6 @@ class FeaturesSettings(ServiceSettings):
     max_online_ids: int = 1000
     max_push_rows: int = 10_000
     max_historical_rows: int = 100_000
+    # Fernet keys for PII features (docs/privacy.md), comma-separated, newest first; every key
+    # decrypts, the first encrypts. Unset: a fixed development key (and a warning).
+    pii_keys: str | None = None

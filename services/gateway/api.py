@@ -3,6 +3,7 @@ rate-limits and proxies through Gateway.handle."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
@@ -81,9 +82,27 @@ async def _limited_stream(request: Request, limit: int):
         yield chunk
 
 
+# A proxied operation answers whatever its upstream answers (2xx with the upstream's body; errors
+# in the shared error shape, which the chassis declares for every operation).
+PROXIED_RESPONSES = {"2XX": {"description": "The upstream's answer, passed through"}}
+
+
+def _upstream_path(request: Request) -> str:
+    """The decoded path, percent-encoded again for the upstream; no dot segments.
+
+    Routes and scopes are matched on the decoded path, so "/v1/features/%2e%2e/admin/..." must never
+    become "/admin/..." on the upstream (the HTTP client would resolve the dots), and a control
+    character in a path segment is the caller's 400, not an invalid upstream URL.
+    """
+    path = request.url.path
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise AppError(400, "bad_path", "the path must not contain '.' or '..' segments")
+    return quote(path, safe="/:@!$&'()*+,;=-._~")
+
+
 def _endpoint(route: Route):
     async def endpoint(request: Request, gateway: GatewayDep, ip: ClientIP) -> Response:
-        result = await gateway.handle(route, request.method, request.url.path, request.url.query,
+        result = await gateway.handle(route, request.method, _upstream_path(request), request.url.query,
                                       request.headers, _body_reader(request), ip)
         return Response(result.content, status_code=result.status, headers=result.headers)
 
@@ -96,4 +115,5 @@ for _i, _route in enumerate(ROUTES):
     for _method in _route.methods:  # one operation per method: unique OpenAPI operation ids
         router.add_api_route(_route.path, _endpoint(_route), methods=[_method], summary=_route.summary,
                              name=f"{_route.upstream}_{_i}_{_method.lower()}", tags=[_route.upstream],
+                             responses=PROXIED_RESPONSES,
                              include_in_schema=not _route.path.endswith("{rest:path}") and _method != "HEAD")

@@ -10,12 +10,14 @@ from services.chassis.app import create_service_app
 from services.chassis.clients import http_client
 from services.chassis.errors import AppError
 from services.chassis.health import add_ready_check
+from services.chassis.limits import set_body_limit
 from services.chassis.resources import redis_and_postgres
 from services.chassis.upstream import Proxy, UpstreamPool
 
 from .api import admin_ui_router, overview_router, router
 from .overview import Overview, Upstreams
 from .ratelimit import RateLimiter
+from .routes import ROUTES
 from .security import ApiKeyVerifier, Authenticator, JWKSCache, TokenVerifier
 from .service import Gateway
 from .settings import GatewaySettings
@@ -82,6 +84,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.include_router(admin_ui_router)
         app.mount("/admin/assets", StaticFiles(directory=STATIC_DIR), name="admin-assets")
     app.include_router(router)
+    for route in ROUTES:  # streamed uploads (batch-inference files) have their own, larger cap
+        if route.stream_body:
+            set_body_limit(app, route.path, settings.max_upload_bytes)
     return app
 
 

@@ -50,8 +50,18 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/auth/logout", ("POST",), "auth", None, forward_credentials=True, summary="Log out"),
     Route("/v1/auth/register", ("POST",), "auth", None, forward_credentials=True, summary="Self-registration"),
     Route("/v1/auth/me", ("GET",), "auth", "", forward_credentials=True, summary="The caller"),
+    # privacy (docs/privacy.md): any authenticated caller, about their own data
+    Route("/v1/me/export", ("GET",), "auth", "", forward_credentials=True,
+          summary="Export everything stored about the caller"),
+    Route("/v1/me", ("DELETE",), "auth", "", forward_credentials=True,
+          summary="Erase the caller's account and data"),
     Route("/.well-known/jwks.json", ("GET",), "auth", None, summary="Token signing keys (JWKS)"),
     # admin: auth's admin API, everything else to the orchestrator
+    Route("/admin/users/{user_id}/data", ("GET", "DELETE"), "auth", "admin", forward_credentials=True,
+          summary="Export or erase a user's data (admin)"),
+    Route("/admin/audit", READ, "auth", "admin", forward_credentials=True, summary="Audit log (admin)"),
+    Route("/admin/features/pii/rotate", ("POST",), "features", "admin",
+          summary="Re-encrypt PII feature values with the current key (admin)"),
     Route("/admin/users", ALL, "auth", "admin", forward_credentials=True, summary="Users (admin)"),
     Route("/admin/users/{rest:path}", ALL, "auth", "admin", forward_credentials=True, summary="Users (admin)"),
     Route("/admin/api-keys", ALL, "auth", "admin", forward_credentials=True, summary="API keys (admin)"),

@@ -4,10 +4,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from services.chassis.limits import BodyTooLarge
+
 from .deps import Plane
 from .service import HEADER_LENGTH, V2Error, encode_infer_body, parse_infer_body
 
-router = APIRouter(prefix="/v2", tags=["v2"])
+# The protocol's own error body on every /v2 operation (declared so that clients and fuzzers can
+# hold the server to it); a health probe answers "not ready" with 400 and its usual body.
+_V2_ERROR = {"description": "Protocol error", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
+_NOT_READY = {"description": "Not ready, or a protocol error", "content": {"application/json": {"schema": {
+    "anyOf": [{"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
+              _V2_ERROR["content"]["application/json"]["schema"]]}}}}
+router = APIRouter(prefix="/v2", tags=["v2"], responses={"4XX": _V2_ERROR, "503": _V2_ERROR})
 
 _INFER_BODY = {
     "requestBody": {
@@ -34,7 +43,7 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses={400: _NOT_READY})
 async def server_ready(plane: Plane):
     # The protocol answers a health question with 200 for true and a 4xx for false.
     return JSONResponse({"ready": plane.all_ready}, status_code=200 if plane.all_ready else 400)
@@ -54,8 +63,8 @@ async def model_metadata(plane: Plane, model: str, version: str | None = None):
         return v2_error(exc)
 
 
-@router.get("/models/{model}/ready")
-@router.get("/models/{model}/versions/{version}/ready")
+@router.get("/models/{model}/ready", responses={400: _NOT_READY})
+@router.get("/models/{model}/versions/{version}/ready", responses={400: _NOT_READY})
 async def model_ready(plane: Plane, model: str, version: str | None = None):
     try:
         mv = plane.resolve(model, version)
@@ -69,7 +78,11 @@ async def model_ready(plane: Plane, model: str, version: str | None = None):
 @router.post("/models/{model}/versions/{version}/infer", openapi_extra=_INFER_BODY)
 async def infer(plane: Plane, request: Request, model: str, version: str | None = None):
     try:
-        body = parse_infer_body(await request.body(), request.headers.get(HEADER_LENGTH))
+        try:
+            raw = await request.body()
+        except BodyTooLarge as exc:
+            raise V2Error(413, exc.detail) from None
+        body = parse_infer_body(raw, request.headers.get(HEADER_LENGTH))
         timing: dict = {}
         content, header_length = encode_infer_body(await plane.infer(model, version, body, timing))
     except V2Error as exc:

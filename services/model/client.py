@@ -5,9 +5,40 @@ and the response back into one dict per row. Pure Python: no numpy in the caller
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, StringConstraints
 
 from services.chassis.errors import AppError
+
+from .repository import NAME_PATTERN, is_valid_name
+
+__all__ = ["NAME_PATTERN", "ModelName", "check_name", "decode_rows", "encode_rows", "is_valid_name"]
+
+
+def _no_dots(value: str) -> str:
+    if ".." not in value:
+        return value
+    raise ValueError("must not contain '..'")
+
+
+# For pydantic fields and FastAPI path parameters: 422 with the pattern in the OpenAPI document.
+ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=64), AfterValidator(_no_dots)]
+
+
+class InvalidName(AppError):
+    def __init__(self, what: str, value: Any):
+        shown = value[:80] if isinstance(value, str) else value
+        super().__init__(422, f"invalid_{what}_name", f"{what} name {shown!r} is not valid: letters, digits, "
+                         "'_', '.', '-', starting with a letter or digit, at most 64, no '..'",
+                         {"pattern": NAME_PATTERN})
+
+
+def check_name(value: Any, what: str = "model") -> str:
+    """The name itself, or InvalidName (422): call before a name reaches a path, URL or key."""
+    if not is_valid_name(value):
+        raise InvalidName(what, value)
+    return value
 
 
 class MissingInputs(AppError):
@@ -55,7 +86,7 @@ def encode_rows(metadata: dict, rows: list[dict], request_id: str | None = None)
 
 
 def decode_rows(response: dict) -> list[dict]:
-    """Split batched output tensors back into one {output: value} dict per row."""
+    """Split batched output tensors back into one {output: value} dict per row (+ `ood` when sent)."""
     outputs = response["outputs"]
     n = outputs[0]["shape"][0] if outputs else 0
     rows: list[dict] = [{} for _ in range(n)]
@@ -66,4 +97,9 @@ def decode_rows(response: dict) -> list[dict]:
             width *= d
         for i in range(n):
             rows[i][out["name"]] = data[i] if len(shape) == 1 else data[i * width:(i + 1) * width]
+    # The server's out-of-distribution flag per row (a version with a training baseline), additive.
+    ood = (response.get("parameters") or {}).get("ood")
+    if isinstance(ood, list) and len(ood) == n:
+        for row, flag in zip(rows, ood):
+            row["ood"] = bool(flag)
     return rows

@@ -16,6 +16,8 @@ QUEUE_WAIT = Histogram("aistack_model_queue_duration_seconds", "Time a request w
                        buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
 REJECTED = Counter("aistack_model_rejected_requests_total", "Requests refused because the queue was full",
                    _LABELS)
+OOD_ROWS = Counter("aistack_model_ood_rows_total", "Request rows with a feature outside the training range "
+                   "of the version (baseline.json; see repository.Baseline)", ["model", "version"])
 INFO = Gauge("aistack_model_info", "A served model version (1 = ready)",
              ["model", "version", "runtime", "device", "precision"])
 

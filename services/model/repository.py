@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,16 @@ from typing import Any
 log = logging.getLogger("aistack.model.repository")
 
 MANIFEST = "manifest.json"
+
+# Model names and versions become directory names here, URL path segments to the model server and
+# parts of Redis keys: one strict shape everywhere (no '/', no '..', no control or non-ASCII
+# characters, at most 64 characters). services/model/client.py has the pydantic type for APIs.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def is_valid_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(_NAME.fullmatch(value)) and ".." not in value
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,65 @@ def write_baseline(version_dir: Path, x, features: list[str]) -> None:
     (version_dir / "baseline.json").write_text(json.dumps(edges, indent=2))
 
 
+BASELINE = "baseline.json"
+
+
+class Baseline:
+    """The training range per input feature, for an out-of-distribution score per request row.
+
+    From `baseline.json` (write_baseline): per feature 11 quantile edges q0, q10, ..., q100 of the
+    training data, so q0 and q100 are the smallest and largest value training saw. Per row and
+    feature the distance outside [q0, q100] is measured in units of that range (q100 - q0; 1 when
+    the feature was constant):
+
+        d_f = max(0, q0 - x, x - q100) / (q100 - q0)
+
+    A row's `ood_score` is the largest d_f over its features (0: every value was within what
+    training saw; 0.5: some feature lies half a training range beyond an edge), and `ood` is
+    `ood_score > 0`: at least one feature outside the training range, a prediction the model
+    extrapolates. NaN never reaches this (the server refuses non-finite inputs).
+    """
+
+    def __init__(self, features: list[str], lo, hi):
+        import numpy as np
+
+        self.features = features
+        self.lo, self.hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        span = self.hi - self.lo
+        self.scale = np.where(span > 0, span, 1.0)
+
+    @classmethod
+    def from_edges(cls, edges: dict, inputs: list[str]) -> Baseline | None:
+        """The features of `edges` that are model inputs; None when none are."""
+        names = [f for f in inputs if isinstance(edges.get(f), list) and len(edges[f]) >= 2
+                 and all(isinstance(v, (int, float)) for v in edges[f])]
+        if not names:
+            return None
+        return cls(names, [min(edges[f]) for f in names], [max(edges[f]) for f in names])
+
+    def score(self, inputs: dict) -> tuple:
+        """(ood_score, ood) per row, as float64 and bool arrays, from 1-D input tensors by name."""
+        import numpy as np
+
+        x = np.column_stack([np.asarray(inputs[f], dtype=np.float64).reshape(-1) for f in self.features])
+        beyond = np.maximum(np.maximum(self.lo - x, x - self.hi), 0.0) / self.scale
+        score = beyond.max(axis=1)
+        return score, score > 0
+
+
+def read_baseline(version_dir: Path, inputs: list[str]) -> Baseline | None:
+    """The version's baseline over its input features, or None when it has none (or a broken one)."""
+    path = version_dir / BASELINE
+    if not path.is_file():
+        return None
+    try:
+        edges = json.loads(path.read_text())
+        return Baseline.from_edges(edges, inputs) if isinstance(edges, dict) else None
+    except ValueError as exc:
+        log.warning("baseline not readable, no OOD flags", extra={"path": str(path), "reason": str(exc)})
+        return None
+
+
 def write_manifest(version_dir: Path, manifest: Manifest) -> None:
     """Hash every artifact now, so the server can refuse a file changed after the build."""
     manifest.artifacts = {name: sha256_file(version_dir / name) for name in sorted(manifest.artifacts)}
@@ -105,7 +175,13 @@ def scan(root: Path) -> dict[str, dict[str, Path]]:
     if not root.is_dir():
         return found
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if not is_valid_name(model_dir.name):
+            log.warning("skipping a model folder whose name is not a valid model name",
+                        extra={"folder": model_dir.name[:100]})
+            continue
         for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            if not is_valid_name(version_dir.name):
+                continue
             if (version_dir / MANIFEST).is_file():
                 found.setdefault(model_dir.name, {})[version_dir.name] = version_dir
     return found

@@ -5,6 +5,7 @@ Framework-free: routes parse and answer, this class does the work.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from .batching import Batcher, BatcherClosed, QueueFull
 from .metrics import PrometheusObserver
 from services.chassis.telemetry import annotate
 
-from .repository import Manifest, TensorSpec
+from .repository import Baseline, Manifest, TensorSpec
 from .runtimes import Runtime, RuntimeOptions, load_runtime
 
 log = logging.getLogger("aistack.model")
@@ -47,6 +48,7 @@ class ModelVersion:
     runtime: Runtime | None = None
     error: str | None = None
     batcher: Batcher | None = None
+    baseline: Baseline | None = None  # training range per input feature: OOD flags per row
 
     @property
     def ready(self) -> bool:
@@ -98,6 +100,8 @@ class DataPlane:
             mv.manifest = repository.read_manifest(path)
             mv.runtime = load_runtime(path, mv.manifest, self.options)
             m = mv.manifest
+            mv.baseline = repository.read_baseline(path, [t.name for t in m.inputs if len(t.shape) == 1
+                                                          and t.datatype not in ("BYTES", "BOOL")])
             mv.batcher = Batcher(
                 mv.runtime.predict, name=f"{name}-{version}", max_batch_size=m.max_batch_size,
                 max_queue_delay_s=m.max_queue_delay_ms / 1000.0, max_queue_size=self.max_queue_size,
@@ -122,6 +126,7 @@ class DataPlane:
         return bool(self.models) and all(v.ready for vs in self.models.values() for v in vs.values())
 
     def resolve(self, name: str, version: str | None = None) -> ModelVersion:
+        _check_names(name, version)
         versions = self.models.get(name)
         if not versions:
             raise V2Error(404, f"model '{name}' not found")
@@ -166,6 +171,7 @@ class DataPlane:
 
     def stats(self, name: str, version: str | None = None) -> list[dict]:
         """Batching statistics per served version (all versions when none is named)."""
+        _check_names(name, version)
         if name not in self.models:
             raise V2Error(404, f"model '{name}' not found")
         mvs = [self.resolve(name, version)] if version else list(self.models[name].values())
@@ -202,7 +208,20 @@ class DataPlane:
         }
         if request.get("id") is not None:
             response["id"] = request["id"]
+        if mv.baseline is not None:
+            score, ood = mv.baseline.score(inputs)
+            response["parameters"] = {"ood": ood.tolist(), "ood_score": score.round(6).tolist()}
+            if ood.any():
+                metrics.OOD_ROWS.labels(name, mv.version).inc(int(ood.sum()))
         return response
+
+
+def _check_names(name: str, version: str | None) -> None:
+    """Names never reach a lookup (or a log line) unless they have the repository's shape."""
+    if not repository.is_valid_name(name):
+        raise V2Error(400, f"invalid model name {name[:80]!r}: letters, digits, '_', '.', '-', at most 64")
+    if version is not None and not repository.is_valid_name(version):
+        raise V2Error(400, f"invalid model version {version[:80]!r}: letters, digits, '_', '.', '-', at most 64")
 
 
 def _requested_outputs(request: dict, specs: list[TensorSpec]) -> set[str]:
@@ -257,6 +276,8 @@ def decode_inputs(request: Any, specs: list[TensorSpec]) -> dict[str, np.ndarray
             raise V2Error(400, f"input '{name}' has batch size {arr.shape[0]}, others have {batch}")
         batch = arr.shape[0]
         arrays[name] = arr
+    if batch == 0:
+        raise V2Error(400, "the batch has no rows (first dimension 0)")
     return arrays
 
 
@@ -274,8 +295,8 @@ def decode_tensor(t: dict, spec: TensorSpec) -> np.ndarray:
     if not isinstance(data, list):
         raise V2Error(400, f"input '{name}' needs 'data' as a list")
     flat = _flatten(data)
-    if len(flat) != int(np.prod(shape)):
-        raise V2Error(400, f"input '{name}' has {len(flat)} values, shape {shape} needs {int(np.prod(shape))}")
+    if len(flat) != math.prod(shape):
+        raise V2Error(400, f"input '{name}' has {len(flat)} values, shape {shape} needs {math.prod(shape)}")
     if spec.datatype == "BYTES":
         if not all(isinstance(x, str) for x in flat):
             raise V2Error(400, f"input '{name}' of datatype BYTES needs string values")
@@ -283,9 +304,18 @@ def decode_tensor(t: dict, spec: TensorSpec) -> np.ndarray:
     if not all(isinstance(x, (int, float, bool)) and x is not None for x in flat):
         raise V2Error(400, f"input '{name}' of datatype {spec.datatype} needs numeric values")
     try:
-        return np.asarray(flat, dtype=DTYPES[spec.datatype]).reshape(shape)
+        with np.errstate(over="ignore", invalid="ignore"):  # a float too large becomes inf: _finite says so
+            return _finite(name, np.asarray(flat, dtype=DTYPES[spec.datatype]).reshape(shape))
     except (ValueError, OverflowError) as exc:
         raise V2Error(400, f"input '{name}': {exc}") from None
+
+
+def _finite(name: str, arr: np.ndarray) -> np.ndarray:
+    """Floating-point inputs must be finite: NaN or infinity (also a value too large for FP16/FP32,
+    or NaN bytes in binary data) is the caller's 400, never a prediction."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise V2Error(400, f"input '{name}' has NaN or infinite values (or values out of {arr.dtype} range)")
+    return arr
 
 
 def encode_tensor(spec: TensorSpec, arr: np.ndarray, binary: bool = False) -> dict:
@@ -355,7 +385,7 @@ def encode_infer_body(response: dict) -> tuple[bytes, int | None]:
 
 
 def _decode_binary(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if datatype == "BYTES":
         items, i = [], 0
         while i < len(raw):
@@ -371,7 +401,7 @@ def _decode_binary(name: str, datatype: str, shape: list[int], raw: bytes) -> np
     if len(raw) != count * dtype.itemsize:
         raise V2Error(400, f"input '{name}' has {len(raw)} bytes, shape {shape} of {datatype} needs "
                            f"{count * dtype.itemsize}")
-    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(shape)
+    return _finite(name, np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(shape))
 
 
 def _encode_binary(datatype: str, arr: np.ndarray) -> bytes:

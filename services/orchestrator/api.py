@@ -5,9 +5,12 @@ import math
 import time
 
 import numpy as np
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel, Field
 
 from services.chassis.errors import AppError, error_body
+from services.chassis.internal import publish_audit, require_internal
+from services.model.client import ModelName
 
 from .deps import Policies, PredictorDep, Principal, UseCache
 from .schemas import (EmbeddingsRequest, FeedbackRequest, FeedbackResponse, PolicyRecord, PolicyUpdate,
@@ -27,7 +30,7 @@ def _timing(response: Response, started: float) -> None:
 
 @router.post("/predict/{model}", response_model=PredictResponse, response_model_exclude_none=True,
              responses=_ERRORS)
-async def predict(model: str, body: PredictRequest, predictor: PredictorDep, principal: Principal,
+async def predict(model: ModelName, body: PredictRequest, predictor: PredictorDep, principal: Principal,
                   use_cache: UseCache, response: Response) -> dict:
     started = time.perf_counter()
     out = await predictor.predict(model, body.rows, principal, body.version, use_cache)
@@ -77,29 +80,34 @@ async def feedback(body: FeedbackRequest, predictor: PredictorDep, principal: Pr
 
 # -- admin ---------------------------------------------------------------------------------------
 @admin.get("/models/{model}/policy")
-async def get_policy(model: str, policies: Policies) -> dict:
+async def get_policy(model: ModelName, policies: Policies) -> dict:
     return {"model": model, "policy": policies.get(model).model_dump()}
 
 
 @admin.put("/models/{model}/policy", response_model=PolicyRecord)
-async def set_policy(model: str, body: PolicyUpdate, policies: Policies, predictor: PredictorDep,
+async def set_policy(model: ModelName, body: PolicyUpdate, policies: Policies, predictor: PredictorDep,
                      principal: Principal) -> dict:
     for version in sorted(body.policy.versions()):
         try:
             await predictor.models.metadata(model, version)
         except AppError as exc:
             raise AppError(422, "unknown_version", f"model '{model}' version '{version}': {exc.message}") from None
-    return await policies.set(model, body.policy, principal, body.reason)
+    record = await policies.set(model, body.policy, principal, body.reason)
+    await _audit(predictor, principal, "policy.set", model, {"policy_id": record["id"], "reason": body.reason})
+    return record
 
 
 @admin.get("/models/{model}/policy/history", response_model=list[PolicyRecord])
-async def policy_history(model: str, policies: Policies) -> list[dict]:
+async def policy_history(model: ModelName, policies: Policies) -> list[dict]:
     return await policies.history(model)
 
 
 @admin.post("/models/{model}/policy/rollback", response_model=PolicyRecord)
-async def rollback_policy(model: str, body: RollbackRequest, policies: Policies, principal: Principal) -> dict:
-    return await policies.rollback(model, body.to, principal)
+async def rollback_policy(model: ModelName, body: RollbackRequest, policies: Policies, principal: Principal,
+                          predictor: PredictorDep) -> dict:
+    record = await policies.rollback(model, body.to, principal)
+    await _audit(predictor, principal, "policy.rollback", model, {"policy_id": record["id"], "to": body.to})
+    return record
 
 
 @admin.get("/cache/stats")
@@ -108,5 +116,34 @@ async def cache_stats(predictor: PredictorDep) -> dict:
 
 
 @admin.delete("/cache/{model}")
-async def flush_cache(model: str, predictor: PredictorDep) -> dict:
-    return {"model": model, "deleted": await predictor.cache.flush(model)}
+async def flush_cache(model: ModelName, predictor: PredictorDep, principal: Principal) -> dict:
+    deleted = await predictor.cache.flush(model)
+    await _audit(predictor, principal, "cache.flush", model, {"deleted": deleted})
+    return {"model": model, "deleted": deleted}
+
+
+async def _audit(predictor, actor: str, action: str, target: str, details: dict) -> None:
+    """Admin actions go to auth's audit log (the stream auth:audit:events; docs/privacy.md)."""
+    await publish_audit(predictor.redis, actor, action, target, service="orchestrator", actor_role="admin",
+                        details=details)
+
+
+# -- data subjects (docs/privacy.md): internal, never routed by the gateway ------------------------
+internal = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False,
+                     dependencies=[Depends(require_internal)])
+
+
+class SubjectRefs(BaseModel):
+    """Predictions known elsewhere (the pipeline's persisted rows) whose cache entries must go too."""
+
+    predictions: list[dict[str, str | None]] = Field(default_factory=list, max_length=1_000_000)
+
+
+@internal.get("/subjects/{principal}")
+async def subject_export(principal: str, predictor: PredictorDep) -> dict:
+    return await predictor.subject_export(principal)
+
+
+@internal.delete("/subjects/{principal}")
+async def subject_erase(principal: str, predictor: PredictorDep, body: SubjectRefs | None = None) -> dict:
+    return await predictor.subject_erase(principal, (body or SubjectRefs()).predictions)

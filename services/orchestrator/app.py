@@ -12,7 +12,7 @@ from services.chassis.health import add_ready_check
 from services.chassis.resources import redis_and_postgres
 from services.chassis.upstream import Proxy, UpstreamPool
 
-from .api import admin, router
+from .api import admin, internal, router
 from .cache import ResponseCache
 from .service import FeatureClient, ModelGateway, Predictor
 from .settings import OrchestratorSettings
@@ -70,4 +70,5 @@ def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
                              lifespan=lifespan)
     app.include_router(router)
     app.include_router(admin)
+    app.include_router(internal)
     return app

@@ -15,8 +15,9 @@ from prometheus_client import Counter, Histogram
 from services.chassis.errors import AppError
 from services.chassis.telemetry import annotate
 from services.chassis.upstream import Proxy, UpstreamError
-from services.model.client import decode_rows, encode_rows
+from services.model.client import check_name, decode_rows, encode_rows
 
+from .cache import PREFIX as CACHE_PREFIX
 from .cache import ResponseCache, cache_key
 from .policy import Policy, choose_version, combine, mirrors
 from .store import PolicyStore
@@ -37,6 +38,11 @@ FEEDBACK_STREAM = "orchestrator:feedback"
 PREDICTION_INDEX = "orchestrator:prediction"
 
 
+def cache_data_key(model: str, input_hash: str) -> str:
+    """The Redis key of a cached response (cache.py): the prediction log's input_hash names it."""
+    return f"{CACHE_PREFIX}:{model}:{input_hash}"
+
+
 class ModelGateway:
     """Talks v2 to the model server replicas; caches model metadata so the hot path makes one call."""
 
@@ -46,6 +52,9 @@ class ModelGateway:
         self._metadata: dict[tuple[str, str | None], tuple[float, dict]] = {}
 
     async def metadata(self, model: str, version: str | None) -> dict:
+        check_name(model)
+        if version is not None:
+            check_name(version, "version")
         key = (model, version)
         hit = self._metadata.get(key)
         if hit and time.monotonic() - hit[0] < self.ttl:
@@ -56,6 +65,7 @@ class ModelGateway:
         return meta
 
     async def infer(self, model: str, version: str, body: dict, timeout: float | None = None) -> dict:
+        check_name(model), check_name(version, "version")
         path = f"/v2/models/{model}/versions/{version}/infer"
         return (await self._call("POST", path, body, timeout)).json()
 
@@ -266,6 +276,69 @@ class Predictor:
         }, maxlen=self.log_maxlen, approximate=True)
         return {"prediction_id": prediction_id, "model": pred["model"], "version": pred["version"],
                 "feedback_id": entry_id.decode()}
+
+    # -- data subjects (docs/privacy.md) ----------------------------------------------------------
+    async def _subject_entries(self, stream: str, principal: str, page: int = 1000):
+        """Entries of one log stream whose principal is this one (a full XRANGE scan, page by page)."""
+        want, start = principal.encode(), "-"
+        while True:
+            batch = await self.redis.xrange(stream, min=start, max="+", count=page)
+            for entry_id, fields in batch:
+                if fields.get(b"principal") == want:
+                    yield entry_id, fields
+            if len(batch) < page:
+                return
+            last = batch[-1][0].decode()
+            ms, _, seq = last.partition("-")
+            start = f"{ms}-{int(seq) + 1}"
+
+    async def subject_export(self, principal: str) -> dict:
+        """What Redis holds about a principal: its entries in the prediction and feedback log streams
+        (not yet expired by the stream's bound) and how many of their responses are cached now."""
+        predictions, feedback, cached = [], [], 0
+        async for entry_id, f in self._subject_entries(PREDICTION_STREAM, principal):
+            predictions.append({"stream_id": entry_id.decode(), "prediction_id": f[b"id"].decode(),
+                                "time": float(f[b"time"]), "model": f[b"model"].decode(),
+                                "version": f[b"version"].decode(), "input_hash": f[b"input_hash"].decode(),
+                                "inputs": orjson.loads(f[b"inputs"]), "outputs": orjson.loads(f[b"outputs"])})
+        async for entry_id, f in self._subject_entries(FEEDBACK_STREAM, principal):
+            feedback.append({"stream_id": entry_id.decode(), "prediction_id": f[b"prediction_id"].decode(),
+                             "row": int(f[b"row"]), "label": orjson.loads(f[b"label"]),
+                             "model": f[b"model"].decode(), "version": f[b"version"].decode(),
+                             "time": float(f[b"time"])})
+        if predictions:
+            keys = sorted({cache_data_key(p["model"], p["input_hash"]) for p in predictions})
+            cached = int(await self.redis.exists(*keys))
+        return {"principal": principal, "prediction_log": predictions, "feedback_log": feedback,
+                "cached_responses": cached}
+
+    async def subject_erase(self, principal: str, refs: list[dict] | None = None) -> dict:
+        """Delete a principal's log entries, the cached responses and feedback index keys of its
+        predictions (those in the streams plus `refs`, which auth gets from the pipeline). Idempotent.
+
+        A cached response is keyed by its inputs, not by who asked: the same inputs from someone else
+        share the entry, which is dropped too (a cache miss later, nothing lost)."""
+        refs = list(refs or [])
+        pred_ids, fb_ids = [], []
+        async for entry_id, f in self._subject_entries(PREDICTION_STREAM, principal):
+            pred_ids.append(entry_id)
+            refs.append({"prediction_id": f[b"id"].decode(), "model": f[b"model"].decode(),
+                         "input_hash": f[b"input_hash"].decode()})
+        async for entry_id, _ in self._subject_entries(FEEDBACK_STREAM, principal):
+            fb_ids.append(entry_id)
+        cache_keys = sorted({cache_data_key(r["model"], r["input_hash"]) for r in refs
+                             if r.get("model") and r.get("input_hash")})
+        index_keys = sorted({f"{PREDICTION_INDEX}:{r['prediction_id']}" for r in refs if r.get("prediction_id")})
+        counts = {"prediction_log": 0, "feedback_log": 0, "cached_responses": 0, "prediction_index": 0}
+        for i in range(0, len(pred_ids), 500):
+            counts["prediction_log"] += await self.redis.xdel(PREDICTION_STREAM, *pred_ids[i:i + 500])
+        for i in range(0, len(fb_ids), 500):
+            counts["feedback_log"] += await self.redis.xdel(FEEDBACK_STREAM, *fb_ids[i:i + 500])
+        for i in range(0, len(cache_keys), 500):
+            counts["cached_responses"] += await self.redis.unlink(*cache_keys[i:i + 500])
+        for i in range(0, len(index_keys), 500):
+            counts["prediction_index"] += await self.redis.unlink(*index_keys[i:i + 500])
+        return {"principal": principal, **counts}
 
     # -- housekeeping ----------------------------------------------------------------------------
     def _spawn(self, coro) -> None:

@@ -76,7 +76,10 @@ class PolicyStore:
 
     async def stop(self) -> None:
         if self._listener:
-            self._listener.cancel()
+            # redis-py's pubsub can swallow a cancellation (then waits out its read timeout): repeat it.
+            while not self._listener.done():
+                self._listener.cancel()
+                await asyncio.wait({self._listener}, timeout=1.0)
             await asyncio.gather(self._listener, return_exceptions=True)
 
     async def _listen(self, reload_every_s: float) -> None:
@@ -94,6 +97,8 @@ class PolicyStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # redis or db outage: keep serving the policies we hold
+                if asyncio.current_task().cancelling():  # stop() cancelled us; the client turned it into this
+                    raise asyncio.CancelledError from exc
                 log.warning("policy listener error; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(2.0)
 

@@ -9,12 +9,14 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from services.chassis.errors import AppError
+from services.chassis.internal import require_internal
+from services.model.client import ModelName, check_name
 
 from . import batch, drift, quality
 from .db import fetch_all
@@ -26,8 +28,8 @@ admin = APIRouter(prefix="/admin", tags=["admin"])
 
 class BatchJobRequest(BaseModel):
     path: str = Field(description="Server-side input, relative to (and inside) PIPELINE_DATA_DIR.")
-    model: str
-    version: str | None = None
+    model: ModelName
+    version: ModelName | None = None
     format: Literal["csv", "parquet"] | None = None
     chunk_rows: int | None = Field(default=None, ge=1, le=5_000_000)
     batch_rows: int | None = Field(default=None, ge=1, le=1_000_000)
@@ -84,6 +86,7 @@ async def submit_batch(request: Request):
             raise AppError(422, "validation_error", "multipart body needs a 'model' field")
         fmt = batch.detect_format(upload.filename or "", form.get("format") or None)
         version = form.get("version") or None
+        check_name(model), version is None or check_name(version, "version")
         chunk_rows, batch_rows = _int(form.get("chunk_rows"), "chunk_rows"), _int(form.get("batch_rows"), "batch_rows")
         input_path = batch.JobFiles(settings.data_dir, job_id).upload(fmt)
         await _save_upload(upload, input_path, settings.max_upload_bytes)
@@ -142,12 +145,12 @@ async def job_result(request: Request, job_id: str, format: Literal["csv", "parq
 
 # -- admin: quality, drift, training -----------------------------------------------------------------
 @admin.get("/models/{model}/quality", summary="Per-version quality and the A/B verdict with sample sizes")
-async def model_quality(request: Request, model: str):
+async def model_quality(request: Request, model: ModelName):
     return await quality.quality_report(request.app.state.engine, model)
 
 
 @admin.get("/models/{model}/drift", summary="Latest PSI per feature against the training baseline")
-async def model_drift(request: Request, model: str):
+async def model_drift(request: Request, model: ModelName):
     rows = await drift.latest_drift(request.app.state.engine, model)
     return {"model": model, "versions": rows, "alert": any(r["alert"] for r in rows),
             "threshold": request.app.state.settings.drift_psi_alert}
@@ -159,7 +162,7 @@ class TrainRequest(BaseModel):
 
 
 @admin.post("/models/{model}/train", status_code=202, summary="Queue a training run")
-async def train_model(request: Request, model: str, body: TrainRequest | None = None):
+async def train_model(request: Request, model: ModelName, body: TrainRequest | None = None):
     body = body or TrainRequest()
     result = await run_in_threadpool(request.app.state.celery.send_task, "pipeline.train", args=[model],
                                      kwargs={"since_s": body.since_s, "force": body.force})
@@ -167,7 +170,7 @@ async def train_model(request: Request, model: str, body: TrainRequest | None = 
 
 
 @admin.get("/models/{model}/training", summary="Recent training runs with their reports")
-async def training_runs(request: Request, model: str, limit: int = Query(10, ge=1, le=100)):
+async def training_runs(request: Request, model: ModelName, limit: int = Query(10, ge=1, le=100)):
     runs = await fetch_all(request.app.state.engine, """
         SELECT id, model, status, version, report, created_at FROM pipeline.training_runs
         WHERE model = :model ORDER BY created_at DESC LIMIT :limit""", model=model, limit=limit)
@@ -189,3 +192,22 @@ async def gauge_loop(engine, every_s: float = 15.0) -> None:
         except Exception as exc:  # noqa: BLE001 - the database may be down; the next round tries again
             log.debug("gauge refresh failed: %s", exc)
         await asyncio.sleep(every_s)
+
+
+# -- data subjects (docs/privacy.md): internal, never routed by the gateway ------------------------
+internal = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False,
+                     dependencies=[Depends(require_internal)])
+
+
+@internal.get("/subjects/{principal}", summary="Predictions, feedback and jobs of a principal")
+async def subject_export(request: Request, principal: str):
+    from .subjects import export_subject
+
+    return await export_subject(request.app.state.engine, principal)
+
+
+@internal.delete("/subjects/{principal}", summary="Erase a principal's predictions, feedback and jobs")
+async def subject_erase(request: Request, principal: str):
+    from .subjects import erase_subject
+
+    return await erase_subject(request.app.state.engine, principal, request.app.state.settings.data_dir)

@@ -10,9 +10,10 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from services.chassis.app import create_service_app
+from services.chassis.limits import set_body_limit
 from services.chassis.resources import redis_and_postgres
 
-from .api import admin, gauge_loop, jobs
+from .api import admin, gauge_loop, internal, jobs
 from .settings import PipelineSettings
 
 
@@ -41,4 +42,6 @@ def create_app(settings: PipelineSettings | None = None) -> FastAPI:
                              lifespan=lifespan)
     app.include_router(jobs)
     app.include_router(admin)
+    app.include_router(internal)
+    set_body_limit(app, "/v1/jobs/batch-inference", settings.max_upload_bytes)  # uploads
     return app

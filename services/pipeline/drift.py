@@ -15,6 +15,8 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.model.repository import is_valid_name
+
 from .db import fetch_all
 
 EPS = 1e-4
@@ -60,6 +62,8 @@ def drift_report(baseline: dict[str, list[float]], rows: list[dict], threshold: 
 
 
 def load_baseline(repository: Path, model: str, version: str) -> dict | None:
+    if not (is_valid_name(model) and is_valid_name(version)):  # names from the log: never a path outside
+        return None
     path = Path(repository) / model / version / "baseline.json"
     try:
         return json.loads(path.read_text())

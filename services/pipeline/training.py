@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.model.repository import (
     MANIFEST,
+    is_valid_name,
     read_manifest,
     scan,
     version_key,
@@ -106,6 +107,8 @@ def train_and_register(repository: Path, model: str, columns: dict[str, list], l
 
     from services.model.build import SEED, _fraud_estimator
 
+    if not is_valid_name(model):
+        return {"status": "refused", "reason": f"{model[:80]!r} is not a valid model name"}
     repository = Path(repository)
     current = current_version(repository, model)
     if current is None:
