@@ -32,8 +32,13 @@ def up(
     typer.echo(f"postgres: {_redact(stack.database_url)}\nredis:    {stack.redis_url}")
     for name in ("gateway", "auth", "orchestrator", "model", "features", "pipeline"):
         typer.echo(f"{name:<13} {stack.url(name)}")
-    typer.echo(f"logs in {stack.data_dir / 'logs'}; try:\n  curl -s {stack.url('gateway')}/v1/predict/fraud "
-               "-H 'content-type: application/json' -d '{\"inputs\": {...}}'\nCtrl-C to stop.")
+    gw = stack.url("gateway")
+    typer.echo(f"logs in {stack.data_dir / 'logs'}; try:\n"
+               f"  TOKEN=$(curl -s {gw}/v1/auth/token -d username={stack.admin_email} "
+               f"-d password=... | jq -r .access_token)\n"
+               f"  curl -s {gw}/v1/predict/fraud -H \"authorization: Bearer $TOKEN\" "
+               "-H 'content-type: application/json' -d '{\"inputs\": {\"customer_id\": \"C0042\", \"amount\": 250}}'\n"
+               f"dashboard: {gw}/admin/\nCtrl-C to stop.")
     try:
         while not stop.is_set():
             for proc in stack.procs:
