@@ -62,6 +62,34 @@ async def _admin(server_url: str, sql: str) -> None:
         await conn.close()
 
 
+def poll(fn, what: str, timeout: float = 90.0, every: float = 0.5):
+    """Wait until fn() is truthy (and return it): conditions, never durations, decide a test."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(every)
+
+
+@contextmanager
+def schema_database(server_url: str, service: str):
+    """A database of its own with one service's schema only (a known empty state), dropped after."""
+    from services.chassis.migrate import upgrade
+
+    name = f"aistack_{service}_{os.getpid()}_{secrets.token_hex(3)}"
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    url = _with_db(server_url, name)
+    try:
+        upgrade(service, url)
+        yield url
+    finally:
+        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 def _with_db(url: str, name: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -165,7 +193,7 @@ class ServedApp:
                                                     lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ServedApp":
+    def __enter__(self) -> ServedApp:
         import time
 
         self.thread.start()

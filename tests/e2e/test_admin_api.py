@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import secrets
-import time
 
 import httpx
 import pytest
 
 from services.demo import synthetic
+from tests.conftest import poll
 from tests.e2e.conftest import login
 
 pytestmark = pytest.mark.e2e
@@ -30,14 +30,6 @@ def row(i: int) -> dict:
             "account_age_days": 400, "chargebacks_90d": 0, "distinct_merchants_7d": 2}
 
 
-def poll(fn, what: str, timeout: float = 90.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(every)
 
 
 def test_overview_needs_the_admin_scope(stack, admin_headers):

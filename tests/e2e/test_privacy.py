@@ -7,26 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
 
 import asyncpg
 import httpx
 import pytest
 import redis
 
+from tests.conftest import poll
 from tests.e2e.conftest import login
 
 pytestmark = pytest.mark.e2e
 
 
-def poll(fn, what: str, timeout: float = 90.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(every)
 
 
 def sql(database_url: str, query: str, *args):

@@ -3,8 +3,6 @@ other services through the stream auth:audit:events (idempotent, at least once),
 reading and the internal endpoint's token."""
 from __future__ import annotations
 
-import asyncio
-import os
 import secrets
 
 import httpx
@@ -13,7 +11,7 @@ import pytest
 from services.auth.app import create_app
 from services.chassis.clients import redis_client
 from services.chassis.internal import AUDIT_STREAM, publish_audit
-from tests.conftest import _admin, _with_db
+from tests.conftest import schema_database
 from tests.integration.test_auth_service import auth_settings, bearer, login
 
 TOKEN = secrets.token_urlsafe(16)
@@ -21,14 +19,8 @@ TOKEN = secrets.token_urlsafe(16)
 
 @pytest.fixture(scope="module")
 def audit_db(postgres_server_url):
-    from services.chassis.migrate import upgrade
-
-    name = f"aistack_audit_{os.getpid()}_{secrets.token_hex(3)}"
-    asyncio.run(_admin(postgres_server_url, f'CREATE DATABASE "{name}"'))
-    url = _with_db(postgres_server_url, name)
-    upgrade("auth", url)
-    yield url
-    asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with schema_database(postgres_server_url, "auth") as url:
+        yield url
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ logout, brute-force lockout, bootstrap, admin endpoints, API keys, key rotation 
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 
@@ -15,7 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from services.auth.app import create_app
 from services.auth.settings import AuthSettings
 from services.chassis.clients import asyncpg_url
-from tests.conftest import _admin, _with_db
+from tests.conftest import schema_database
 
 ADMIN_EMAIL, ADMIN_PASSWORD = "root@example.test", "correct horse battery"
 
@@ -23,14 +22,8 @@ ADMIN_EMAIL, ADMIN_PASSWORD = "root@example.test", "correct horse battery"
 @pytest.fixture(scope="module")
 def auth_db(postgres_server_url):
     """A database of its own with only auth's schema: these tests need a known 'no admin yet' state."""
-    from services.chassis.migrate import upgrade
-
-    name = f"aistack_auth_{os.getpid()}_{secrets.token_hex(3)}"
-    asyncio.run(_admin(postgres_server_url, f'CREATE DATABASE "{name}"'))
-    url = _with_db(postgres_server_url, name)
-    upgrade("auth", url)
-    yield url
-    asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with schema_database(postgres_server_url, "auth") as url:
+        yield url
 
 
 def auth_settings(database_url: str, redis_url: str, **kw) -> AuthSettings:
