@@ -90,6 +90,7 @@ def ingest(
     view: str = typer.Option(..., "--view", help="Feature view the rows belong to."),
     database_url: str = _DB,
     event_time_column: str = typer.Option("event_time", help="Column with each row's event time."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Append FILE's rows to the offline store (all or nothing); columns: join key, event time,
     every feature of the view. Materialisation then brings the newest values online."""
@@ -109,13 +110,66 @@ def ingest(
         if entity.dtype == "string" and entity.join_key in df.columns:
             df[entity.join_key] = df[entity.join_key].astype(str)
         records = df.astype(object).where(df.notna(), None).to_dict("records")
-        return await store.ingest(view, records, source=f"ingest:{file.name}")
+        with _progress(as_json) as bar:
+            task = bar.add_task(f"ingest {file.name}", total=len(records))
+            return await store.ingest(view, records, source=f"ingest:{file.name}",
+                                      progress=lambda done: bar.update(task, completed=done))
 
     try:
         n = asyncio.run(_with_store(database_url, run))
     except AppError as exc:
         _fail(exc)
-    typer.echo(f"ingested {n} rows into '{view}' (offline store); materialise to serve them online")
+    if as_json:
+        typer.echo(json.dumps({"view": view, "rows": n}))
+    else:
+        typer.echo(f"ingested {n} rows into '{view}' (offline store); materialise to serve them online")
+
+
+def _progress(quiet: bool):
+    """A rich progress bar on stderr (nothing when --json asks for clean output)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=quiet, transient=False)
+
+
+@app.command()
+def materialize(
+    views: Annotated[list[str] | None, typer.Argument(help="Views to materialise (default: all).")] = None,
+    database_url: str = _DB,
+    redis_url: str = typer.Option(..., envvar="REDIS_URL", help="Redis of the online store."),
+    redis_prefix: str = typer.Option("features:", envvar="FEATURES_REDIS_PREFIX"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Copy the newest offline values into the online store (incremental, idempotent)."""
+    from services.chassis.clients import db_engine, redis_client
+    from services.chassis.errors import AppError
+
+    from .service import FeatureStore
+
+    async def main():
+        engine = db_engine(database_url, pool_size=2)
+        redis = redis_client(redis_url)
+        try:
+            store = FeatureStore(engine, redis, prefix=redis_prefix)
+            names = list(views or (await store.registry(fresh=True)).views)
+            with _progress(as_json) as bar:
+                task = bar.add_task("materialise", total=len(names))
+                return await store.materialize(names, progress=lambda _: bar.advance(task))
+        finally:
+            await redis.aclose()
+            await engine.dispose()
+
+    try:
+        results = asyncio.run(main())
+    except AppError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(results, default=str))
+        return
+    for r in results:
+        typer.echo(f"{r.get('view')}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "view"))
 
 
 @app.command("rotate-pii-key")

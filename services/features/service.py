@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -481,7 +481,7 @@ class FeatureStore:
                 "online_written": written, "online_skipped_older": skipped}
 
     async def ingest(self, view_name: str, records: Iterable[dict[str, Any]], source: str = "ingest",
-                     chunk: int = _INSERT_CHUNK) -> int:
+                     chunk: int = _INSERT_CHUNK, progress: Callable[[int], None] | None = None) -> int:
         """Append records (e.g. a CSV/Parquet file's rows) to the offline store, validated per chunk.
 
         All chunks go in one transaction: a bad row anywhere leaves the store unchanged.
@@ -496,8 +496,12 @@ class FeatureStore:
                 if len(batch) >= chunk:
                     total += await self._ingest_chunk(conn, reg, view, batch, source, total)
                     batch = []
+                    if progress:
+                        progress(total)
             if batch:
                 total += await self._ingest_chunk(conn, reg, view, batch, source, total)
+                if progress:
+                    progress(total)
         m.ROWS_WRITTEN.labels(view.name, "offline", "ingest").inc(total)
         return total
 
@@ -612,7 +616,8 @@ class FeatureStore:
 
     # -- materialisation -----------------------------------------------------------------------
     async def materialize(self, views: Sequence[str] | None = None, start: datetime | None = None,
-                          end: datetime | None = None) -> list[dict]:
+                          end: datetime | None = None,
+                          progress: Callable[[dict], None] | None = None) -> list[dict]:
         """Copy the newest offline value per entity in a window of event time to the online store.
 
         No start and no end: incremental — from where the last incremental run stopped (late rows
@@ -628,6 +633,8 @@ class FeatureStore:
         for view in targets:
             results.append(await self._materialize_view(view, start and parse_time(start),
                                                         end and parse_time(end), incremental))
+            if progress:
+                progress(results[-1])
         return results
 
     async def _materialize_view(self, view: FeatureView, start: datetime | None, end: datetime | None,

@@ -99,3 +99,24 @@ async def test_ingest_csv_and_parquet(database_url, tmp_path, names):
                    "u9,2025-01-02T00:00:00Z,1.5,0.5,true\n")
     failed = await cli(database_url, "ingest", str(bad), "--view", view)
     assert failed.exit_code == 1 and "row 1 n: expected int" in failed.output, failed.output
+
+
+async def test_ingest_and_materialise_report_progress_and_json(database_url, redis_url, tmp_path, names):
+    import json as _json
+
+    ent, view = names
+    assert (await cli(database_url, "apply", str(registry_file(tmp_path, ent, view)))).exit_code == 0
+    now = datetime.now(UTC).isoformat()
+    csv = tmp_path / "fresh.csv"
+    csv.write_text("user_id,event_time,n,score,vip\n" + "".join(f"m{i},{now},{i},0.5,true\n" for i in range(5)))
+    out = await asyncio.to_thread(CliRunner().invoke, app, ["ingest", str(csv), "--view", view, "--json"],
+                                  env={"DATABASE_URL": database_url})
+    assert out.exit_code == 0, out.output
+    assert _json.loads(out.stdout.strip().splitlines()[-1]) == {"view": view, "rows": 5}
+    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    out = await asyncio.to_thread(CliRunner().invoke, app, ["materialize", view, "--json"], env=env)
+    assert out.exit_code == 0, out.output
+    [result] = _json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["view"] == view and result["written"] == 5
+    again = await asyncio.to_thread(CliRunner().invoke, app, ["materialize", view], env=env)
+    assert again.exit_code == 0 and f"{view}:" in again.output and "written 0" in again.output, again.output
