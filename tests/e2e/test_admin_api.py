@@ -47,14 +47,18 @@ def test_overview_needs_the_admin_scope(stack, admin_headers):
 def test_overview_shows_services_models_traffic_and_jobs(stack, admin_headers):
     gw = stack.url("gateway")
     with httpx.Client(base_url=gw, headers=admin_headers, timeout=60) as c:
-        doc = c.get("/admin/overview").json()
+        # The overview is as fresh as its last scrape (every 5 s): a replica that was still starting
+        # when the gateway scraped shows up on the next one. Poll for that, then judge.
+        def settled():
+            d = c.get("/admin/overview").json()
+            ok = all(s["status"] == "ready" and all(r["version"] for r in s["replicas"]) for s in d["services"])
+            return d if ok else None
+
+        doc = poll(settled, "every service ready with its version in the overview")
         services = {s["name"]: s for s in doc["services"]}
         assert set(services) == {"gateway", "auth", "orchestrator", "model", "features", "pipeline"}
         for name, svc in services.items():
             assert all(r["version"] for r in svc["replicas"]), (name, svc)
-        # Readiness can flap on a busy machine (a replica ejected for a few seconds): poll.
-        poll(lambda: all(s["status"] == "ready" for s in c.get("/admin/overview").json()["services"]),
-             "every service ready in the overview")
         models = {m["name"]: m for m in doc["models"]}
         assert {"1", "2"} <= {v["version"] for v in models["fraud"]["versions"]}
         assert "routes" in models["fraud"]["policy"]
