@@ -71,6 +71,12 @@ class Manifest:
             "parameters": self.parameters,
         }
 
+    def digest(self) -> str:
+        """sha256 of the canonical manifest (it holds every artifact's sha256): names the version's
+        content, so a version re-registered with other weights gets another digest (cache keys)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()

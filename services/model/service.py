@@ -166,7 +166,7 @@ class DataPlane:
                            "precision": mv.runtime.precision if mv.runtime else None,
                            "runtime": m.runtime, "max_batch_size": m.max_batch_size,
                            "max_queue_delay_ms": m.max_queue_delay_ms,
-                           "dynamic_batching": self.dynamic_batching},
+                           "dynamic_batching": self.dynamic_batching, "digest": m.digest()},
         }
 
     def stats(self, name: str, version: str | None = None) -> list[dict]:

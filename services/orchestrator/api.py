@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import base64
 import math
+import struct
 import time
 
-import numpy as np
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 
@@ -59,7 +59,7 @@ async def embeddings(body: EmbeddingsRequest, predictor: PredictorDep, principal
             norm = math.sqrt(sum(x * x for x in vector)) or 1.0
             vector = [x / norm for x in vector]
         if body.encoding_format == "base64":
-            vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         data.append({"object": "embedding", "index": i, "embedding": vector})
     tokens = sum(approx_tokens(t) for t in texts)
     _timing(response, started)
