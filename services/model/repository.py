@@ -7,25 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .client import BASELINE, NAME_PATTERN, baseline_edges, is_valid_name
+
+__all__ = ["NAME_PATTERN", "is_valid_name"]  # re-exported: the rules live in the contract (client.py)
+
 log = logging.getLogger("aistack.model.repository")
 
 MANIFEST = "manifest.json"
-
-# Model names and versions become directory names here, URL path segments to the model server and
-# parts of Redis keys: one strict shape everywhere (no '/', no '..', no control or non-ASCII
-# characters, at most 64 characters). services/model/client.py has the pydantic type for APIs.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-_NAME = re.compile(NAME_PATTERN)
-
-
-def is_valid_name(value: Any) -> bool:
-    return isinstance(value, str) and bool(_NAME.fullmatch(value)) and ".." not in value
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -87,14 +79,9 @@ def sha256_file(path: Path) -> str:
 
 
 def write_baseline(version_dir: Path, x, features: list[str]) -> None:
-    """The training distribution per feature (11 quantile edges), for drift checks on live inputs."""
-    import numpy as np
-
-    edges = {f: np.quantile(x[:, i], np.linspace(0, 1, 11)).round(6).tolist() for i, f in enumerate(features)}
-    (version_dir / "baseline.json").write_text(json.dumps(edges, indent=2))
-
-
-BASELINE = "baseline.json"
+    """The training distribution per feature (client.baseline_edges), for drift checks on live inputs."""
+    edges = baseline_edges({f: x[:, i].tolist() for i, f in enumerate(features)})
+    (version_dir / BASELINE).write_text(json.dumps(edges, indent=2))
 
 
 class Baseline:
