@@ -4,6 +4,17 @@ Requests queue per model version; one worker forms a batch of up to `max_batch_s
 waiting at most `max_queue_delay_s` after the oldest request arrived, runs one forward pass in
 the version's own thread (so the event loop and other models keep going) and hands each caller
 its slice. The queue is bounded so overload turns into a fast refusal, not growing latency.
+
+Batching must never make a cheap model slower, so the batcher measures each version's forward
+pass and adapts (what issue 18 measured: a 1-row sklearn pass is cheaper than the queue around it):
+- idle bypass: a request that finds the queue empty and no pass running goes straight to the
+  model, with no queue, no delay and no worker wake-up; requests only queue behind a running pass;
+- adaptive delay: the worker waits up to `max_queue_delay_s` for more rows only when a pass costs
+  more than that delay (amortising it pays); for a cheaper model it takes whatever has queued up
+  behind the running pass and goes (greedy batching, what the running pass already bought);
+- inline passes: once a version's measured pass is under `inline_max_s` (default 0.5 ms, less
+  than a thread-pool hop plus its GIL hand-offs), passes run on the event loop thread itself, as
+  MLServer's in-process runtimes do; slower models keep their own thread so the loop stays free.
 """
 from __future__ import annotations
 
@@ -46,6 +57,8 @@ class BatcherStats:
     forward_passes: int = 0
     rejected: int = 0
     cancelled: int = 0
+    bypassed: int = 0  # requests that found the batcher idle and skipped the queue
+    inline_passes: int = 0  # forward passes run on the event loop thread (a cheap model)
     failed: int = 0
     max_batch_rows: int = 0
     compute_s: float = 0.0
@@ -55,6 +68,7 @@ class BatcherStats:
         return {
             "requests": self.requests, "rows": self.rows, "batches": self.batches,
             "forward_passes": self.forward_passes, "rejected": self.rejected,
+            "bypassed": self.bypassed, "inline_passes": self.inline_passes,
             "cancelled": self.cancelled, "failed": self.failed, "max_batch_rows": self.max_batch_rows,
             "compute_s": round(self.compute_s, 6),
             "batch_rows": {str(k): v for k, v in sorted(self.batch_rows.items())},
@@ -80,7 +94,8 @@ class _Item:
 class Batcher:
     def __init__(self, predict: Callable[[Arrays], Arrays], *, name: str = "model",
                  max_batch_size: int = 64, max_queue_delay_s: float = 0.002, max_queue_size: int = 256,
-                 batching: bool = True, observer: BatchObserver | None = None):
+                 batching: bool = True, observer: BatchObserver | None = None,
+                 inline_max_s: float = 0.0005):
         self._predict = predict
         self.name = name
         self.max_batch_size = max(1, int(max_batch_size))
@@ -95,6 +110,29 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
+        # Measured cost of one forward pass (EWMA, seconds, time in the model only) and how many
+        # passes it rests on; `_busy` while a pass (bypass or batch) is running.
+        self.inline_max_s = max(0.0, float(inline_max_s))
+        self._pass_s: float | None = None
+        self._measured = 0
+        self._busy = False
+        self._idle = asyncio.Event()
+
+    @property
+    def pass_cost_s(self) -> float | None:
+        """The measured cost of one forward pass (None before the first)."""
+        return self._pass_s
+
+    @property
+    def runs_inline(self) -> bool:
+        """Cheap enough to run on the loop: measured on a few passes first, never guessed."""
+        return self._measured >= 8 and self._pass_s is not None and self._pass_s < self.inline_max_s
+
+    def _wait_s(self) -> float:
+        """The adaptive delay: wait for company only when a pass costs more than the wait."""
+        if self._pass_s is None or self._pass_s > self.max_queue_delay_s:
+            return self.max_queue_delay_s
+        return 0.0
 
     @property
     def queue_depth(self) -> int:
@@ -109,8 +147,10 @@ class Batcher:
             if self.observer:
                 self.observer.rejected()
             raise QueueFull(f"{self.name}: queue is full ({self.max_queue_size} requests waiting)")
-        self._ensure_worker()
         rows = int(next(iter(inputs.values())).shape[0]) if inputs else 0
+        if not self._pending and not self._busy:
+            return await self._bypass(inputs, rows)
+        self._ensure_worker()
         loop = asyncio.get_running_loop()
         item = _Item(inputs, rows, loop.create_future(), time.perf_counter(), Timing())
         self._pending.append(item)
@@ -121,10 +161,57 @@ class Batcher:
         result = await item.future
         return result, item.timing
 
+    async def _bypass(self, inputs: Arrays, rows: int) -> tuple[Arrays, Timing]:
+        """The batcher is idle: run this request now, as a batch of one (no queue, no delay)."""
+        self._busy = True
+        self.stats.bypassed += 1
+        timing = Timing()
+        start = time.perf_counter()
+        try:
+            if self.observer:
+                self.observer.waited(0.0)
+            try:
+                outputs = await self._run_pass(inputs)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.stats.failed += 1
+                raise
+            elapsed = time.perf_counter() - start
+            self._count_batch(rows, 1, elapsed)
+            timing.compute_s, timing.batch_rows = elapsed, rows
+            return outputs, timing
+        finally:
+            self._busy = False
+            self._idle.set()
+            if self._pending:
+                self._ensure_worker()
+                self._wakeup.set()
+
+    async def _run_pass(self, inputs: Arrays) -> Arrays:
+        if self.runs_inline:
+            self.stats.inline_passes += 1
+            return self._forward(inputs)
+        return await asyncio.get_running_loop().run_in_executor(self._ensure_executor(), self._forward, inputs)
+
+    def _ensure_executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{self.name}")
+        return self._executor
+
+    def _count_batch(self, rows: int, requests: int, elapsed: float) -> None:
+        self.stats.batches += 1
+        self.stats.requests += requests
+        self.stats.rows += rows
+        self.stats.compute_s += elapsed
+        self.stats.batch_rows[rows] += 1
+        self.stats.max_batch_rows = max(self.stats.max_batch_rows, rows)
+        if self.observer:
+            self.observer.batch(rows, requests, elapsed)
+
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{self.name}")
+            self._ensure_executor()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def close(self) -> None:
@@ -161,7 +248,15 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch = await self._form_batch()
+            while self._busy:  # a bypass pass is running: let rows gather behind it
+                self._idle.clear()
+                await self._idle.wait()
+            self._busy = True
+            try:
+                batch = await self._form_batch()
+            except BaseException:
+                self._busy = False
+                raise
             try:
                 if batch:
                     await self._execute(batch)
@@ -170,13 +265,15 @@ class Batcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
+            finally:
+                self._busy = False
 
     async def _form_batch(self) -> list[_Item]:
         batch: list[_Item] = []
         rows = 0
         # The delay counts from the oldest request: one that already waited behind the previous
         # batch goes out at once with whatever has queued up meanwhile.
-        deadline = self._pending[0].enqueued + self.max_queue_delay_s
+        deadline = self._pending[0].enqueued + self._wait_s()
         while True:
             self._drop_cancelled()
             if self._pending:
@@ -207,11 +304,10 @@ class Batcher:
             if self.observer:
                 self.observer.waited(item.timing.queue_s)
         rows = sum(i.rows for i in batch)
-        loop = asyncio.get_running_loop()
         try:
             inputs = batch[0].inputs if len(batch) == 1 else {
                 k: np.concatenate([i.inputs[k] for i in batch]) for k in batch[0].inputs}
-            outputs = await loop.run_in_executor(self._executor, self._forward, inputs)
+            outputs = await self._run_pass(inputs)
         except Exception as exc:
             if len(batch) > 1:
                 # One bad request must not fail its neighbours: retry each on its own.
@@ -225,14 +321,7 @@ class Batcher:
                 batch[0].future.set_exception(exc)
             return
         elapsed = time.perf_counter() - start
-        self.stats.batches += 1
-        self.stats.requests += len(batch)
-        self.stats.rows += rows
-        self.stats.compute_s += elapsed
-        self.stats.batch_rows[rows] += 1
-        self.stats.max_batch_rows = max(self.stats.max_batch_rows, rows)
-        if self.observer:
-            self.observer.batch(rows, len(batch), elapsed)
+        self._count_batch(rows, len(batch), elapsed)
         offset = 0
         for item in batch:
             item.timing.compute_s, item.timing.batch_rows = elapsed, rows
@@ -245,9 +334,17 @@ class Batcher:
         n = int(next(iter(inputs.values())).shape[0]) if inputs else 0
         if n <= self.max_batch_size:
             self.stats.forward_passes += 1
-            return self._predict(inputs)
+            start = time.perf_counter()
+            out = self._predict(inputs)
+            self._measure(time.perf_counter() - start)
+            return out
         parts = []
         for lo in range(0, n, self.max_batch_size):
             self.stats.forward_passes += 1
             parts.append(self._predict({k: v[lo:lo + self.max_batch_size] for k, v in inputs.items()}))
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _measure(self, seconds: float) -> None:
+        """EWMA of one pass's cost; a slow outlier (a GC, a cold cache) moves it only a little."""
+        self._measured += 1
+        self._pass_s = seconds if self._pass_s is None else 0.8 * self._pass_s + 0.2 * seconds
