@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.chassis.clients import redis_client
 from services.demo.synthetic import CUSTOMER_FEATURES
-from services.features.store import OnlineLookup, OnlineRow, OnlineStore
+from services.features.online import OnlineLookup, OnlineRow, OnlineStore
 
 VIEW = "customer_transactions"
 

@@ -56,7 +56,7 @@ def apply(
 
     from services.chassis.errors import AppError
 
-    from .service import load_doc
+    from .registry import load_doc
 
     try:
         doc = load_doc(file)

@@ -7,7 +7,7 @@ from fastapi import Depends, Request
 from .service import FeatureStore
 
 
-def _store(request: Request) -> FeatureStore:
+async def _store(request: Request) -> FeatureStore:  # async: no thread-pool hop per request
     return request.app.state.store
 
 

@@ -14,8 +14,10 @@ from sqlalchemy import text
 
 from services.chassis.errors import AppError
 
+from .dtypes import entity_key
+from .online import META
 from .pii import PiiKeyError
-from .service import FeatureStore, _entity_key
+from .service import FeatureStore
 
 log = logging.getLogger("aistack.features.privacy")
 
@@ -97,7 +99,7 @@ async def _keys(store: FeatureStore, entity: str, ids: list[str]):
     keys = []
     for raw in ids:
         try:
-            keys.append(_entity_key(ent, raw))
+            keys.append(entity_key(ent.dtype, raw))
         except ValueError as exc:
             raise AppError(422, "validation_error", f"entity id: {exc}") from None
     views = [v.name for v in reg.views.values() if v.entity == ent.name]
@@ -125,7 +127,7 @@ async def subject_export(store: FeatureStore, entity: str, ids: list[str]) -> di
                 raw = await online.redis.hgetall(online.key(view, key))
                 if not raw:
                     continue
-                values = {k.decode(): store.pii.open(orjson.loads(v)) for k, v in raw.items() if k != b"_ts"}
+                values = {k.decode(): store.pii.open(orjson.loads(v)) for k, v in raw.items() if k.decode() not in META}
                 out["online"].append({"view": view, "entity_key": key, "event_ms": int(raw.get(b"_ts", 0)),
                                       "values": values})
     return out

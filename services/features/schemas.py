@@ -2,13 +2,16 @@
 service) and the request/response shapes of the public and admin endpoints."""
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.chassis.limits import reject_non_finite
+
+from .dtypes import MAX_TTL_SECONDS, check_text
 
 NAME = r"^[a-z_][a-z0-9_]{0,62}$"
 FeatureDtype = Literal["int", "float", "string", "bool"]
@@ -16,7 +19,9 @@ KeyDtype = Literal["string", "int"]
 Status = Literal["present", "missing", "expired"]
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-RESERVED = {"event_time", "created_time", "id"}
+RESERVED = {"event_time", "created_time", "id", "_ts", "_v"}  # _ts/_v: online.META
+# Free text that Postgres can store (no NUL, no lone surrogates); names have their own pattern.
+Text = Annotated[str, AfterValidator(lambda v: check_text(v))]
 
 
 def parse_duration(value: Any) -> int:
@@ -24,10 +29,12 @@ def parse_duration(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like '24h'")  # noqa: TRY004 (pydantic)
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError("a duration must be finite")
         return int(value)
-    match = _DURATION.match(str(value))
+    match = _DURATION.match(str(value)[:40])
     if not match:
-        raise ValueError(f"bad duration {value!r}: use seconds or '30m', '24h', '7d'")
+        raise ValueError(f"bad duration {str(value)[:40]!r}: use seconds or '30m', '24h', '7d'")
     return int(match.group(1)) * _UNIT[match.group(2)]
 
 
@@ -40,7 +47,7 @@ class EntitySpec(BaseModel):
     name: str = Field(pattern=NAME, examples=["customer"])
     join_key: str = Field(pattern=NAME, examples=["customer_id"])
     dtype: KeyDtype = "string"
-    description: str = Field(default="", max_length=2000)
+    description: Text = Field(default="", max_length=2000)
 
 
 class FeatureSpec(BaseModel):
@@ -48,7 +55,7 @@ class FeatureSpec(BaseModel):
 
     name: str = Field(pattern=NAME, examples=["txn_count_24h"])
     dtype: FeatureDtype = "float"
-    description: str = Field(default="", max_length=2000)
+    description: Text = Field(default="", max_length=2000)
     pii: bool = Field(default=False, description=(
         "Personal data: values are encrypted at rest (offline and online stores) and never logged "
         "(docs/privacy.md)."))
@@ -62,10 +69,12 @@ class FeatureViewSpec(BaseModel):
     name: str = Field(pattern=NAME, examples=["customer_transactions"])
     entity: str = Field(pattern=NAME, examples=["customer"])
     features: list[FeatureSpec] = Field(min_length=1)
-    ttl_seconds: int = Field(default=0, ge=0, description="Values older than this read as expired; 0: never.")
-    description: str = Field(default="", max_length=2000)
-    owner: str = Field(default="", max_length=200)
-    tags: dict[str, str] = Field(default_factory=dict, max_length=64)
+    ttl_seconds: int = Field(default=0, ge=0, le=MAX_TTL_SECONDS, description=(
+        f"Values older than this read as expired; 0: never. At most {MAX_TTL_SECONDS} (50 years)."))
+    description: Text = Field(default="", max_length=2000)
+    owner: Text = Field(default="", max_length=200)
+    tags: dict[Annotated[Text, Field(max_length=200)], Annotated[Text, Field(max_length=2000)]] = Field(
+        default_factory=dict, max_length=64)
 
     @model_validator(mode="before")
     @classmethod
@@ -198,7 +207,11 @@ class PushResponse(BaseModel):
     rows: int
     offline_written: int
     online_written: int
-    online_skipped_older: int = Field(description="Rows not written online because a newer event is stored.")
+    online_unchanged: int = Field(default=0, description=(
+        "Rows whose values were already stored online for their event time (nothing to write)."))
+    online_skipped_older: int = Field(description=(
+        "Rows not written online because a newer event (or, at the same event time, a row committed "
+        "later) is stored."))
 
 
 # -- historical --------------------------------------------------------------------------------
@@ -246,7 +259,11 @@ class MaterializeResult(BaseModel):
     start: datetime | None
     end: datetime
     entities: int = Field(description="Entities whose latest value in the window was copied.")
-    written: int = Field(description="Online values written (the rest had a newer event online).")
+    written: int = Field(description="Online values written.")
+    unchanged: int = Field(default=0, description="Entities whose stored online value was already this one.")
+    invalid: int = Field(default=0, description=(
+        "Offline rows that cannot be stored online (written before today's type bounds); skipped, logged."))
+    error: str | None = Field(default=None, description="Why this view failed; the other views still ran.")
 
 
 class MaterializeResponse(BaseModel):

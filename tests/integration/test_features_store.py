@@ -240,11 +240,8 @@ async def test_point_in_time_correctness(fs):
         assert (row["values"]["n"], row["statuses"]["n"], row["values"]["level"]) == (n, status, level), (i, ts)
         if row["event_times"]["n"] is not None:
             assert datetime.fromisoformat(row["event_times"]["n"]) <= ts
-    # The same through the framework-free function the pipeline's training uses.
-    from services.features.service import get_historical_features
-
-    out = await get_historical_features(store.engine, ent, [{"id": "a", "timestamp": T0 + 2 * h}],
-                                        [daily])
+    # The same through the framework-free facade (what the CLI uses).
+    out = await store.historical(ent, [{"id": "a", "timestamp": T0 + 2 * h}], [daily])
     assert out["rows"][0]["values"] == {"n": 2, "score": 2.0}
 
 

@@ -9,6 +9,8 @@ from pydantic import ValidationError
 
 from services.chassis.errors import AppError
 from services.demo.synthetic import CUSTOMER_FEATURES, customer_history, customer_profiles
+from services.features.dtypes import check_value, parse_time
+from services.features.registry import Registry, load_doc, select_features
 from services.features.schemas import (
     Change,
     Entity,
@@ -17,15 +19,7 @@ from services.features.schemas import (
     RegistryDoc,
     parse_duration,
 )
-from services.features.service import (
-    DEFAULTS_FILE,
-    Registry,
-    check_value,
-    demo_rows,
-    load_doc,
-    parse_time,
-    select_features,
-)
+from services.features.seed import DEFAULTS_FILE, demo_rows
 
 
 def test_check_value_is_strict():

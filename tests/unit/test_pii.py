@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 from cryptography.fernet import Fernet
 
+from services.features.online import OnlineRow
 from services.features.pii import MARK, PiiCipher, PiiKeyError, is_sealed
 from services.features.schemas import FeatureView
 from services.features.service import FeatureStore
-from services.features.store import OnlineRow
 
 
 def test_seal_hides_the_value_and_open_restores_it_with_its_type():
