@@ -7,8 +7,11 @@ from fastapi import FastAPI
 
 from services.chassis.app import create_service_app
 from services.chassis.health import add_ready_check
+from services.chassis.limits import set_body_limit
 
 from .api import router
+from .repository_api import admin as repository_admin
+from .repository_api import router as repository_router
 from .runtimes import RuntimeOptions
 from .service import DataPlane
 from .settings import ModelSettings
@@ -41,4 +44,8 @@ def create_app(settings: ModelSettings | None = None) -> FastAPI:
     app = create_service_app(settings, title="aistack model server",
                              description="Open Inference Protocol v2 model server.", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(repository_router)
+    app.include_router(repository_admin)
+    # A load may carry a new version's files (base64 in JSON): its own, larger body limit.
+    set_body_limit(app, "/v2/repository/models/", settings.upload_max_bytes)
     return app

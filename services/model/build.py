@@ -8,22 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.demo import synthetic
+from services.demo.recipes import SEED, fraud_estimator
 
+from .client import FeatureBinding
 from .repository import MANIFEST, Manifest, TensorSpec, write_baseline, write_manifest
 
 log = logging.getLogger("aistack.model.build")
-SEED = 42
-
-
-def _fraud_estimator(version: str):
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if version == "1":
-        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=SEED))
-    return HistGradientBoostingClassifier(max_iter=150, learning_rate=0.08, random_state=SEED)
+# The fraud model's entity features come from the feature store's customer_transactions view.
+FRAUD_BINDING = FeatureBinding("customer", "customer_transactions", "customer_id",
+                               tuple(synthetic.REQUEST_FEATURES))
 
 
 def build_fraud(version_dir: Path, version: str) -> Manifest:
@@ -32,7 +25,7 @@ def build_fraud(version_dir: Path, version: str) -> Manifest:
 
     x, y = synthetic.transactions(seed=SEED)
     split = int(len(y) * 0.8)
-    est = _fraud_estimator(version).fit(x[:split], y[:split])
+    est = fraud_estimator(version).fit(x[:split], y[:split])
     auc = float(roc_auc_score(y[split:], est.predict_proba(x[split:])[:, 1]))
     joblib.dump(est, version_dir / "model.joblib")
     write_baseline(version_dir, x[:split], synthetic.FRAUD_FEATURES)
@@ -43,8 +36,7 @@ def build_fraud(version_dir: Path, version: str) -> Manifest:
         artifacts={"model.joblib": "", "baseline.json": ""},
         # Tabular rows are cheap: big batches serve batch jobs in few passes, online ones unharmed.
         max_batch_size=4096, max_queue_delay_ms=2.0, device="cpu",
-        parameters={"entity": "customer", "feature_view": "customer_transactions",
-                    "request_features": synthetic.REQUEST_FEATURES, "classes": [0, 1],
+        parameters={**FRAUD_BINDING.as_parameters(), "classes": [0, 1],
                     "holdout_auc": round(auc, 4), "seed": SEED, "rows": len(y)},
     )
 

@@ -4,8 +4,11 @@ Framework-free: routes parse and answer, this class does the work.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,8 @@ class DataPlane:
         self.models: dict[str, dict[str, ModelVersion]] = {}
         # Versions on disk that the model's policy leaves out: model -> version -> why.
         self.unserved: dict[str, dict[str, str]] = {}
+        # One repository change (load, unload, upload) at a time.
+        self.repository_lock = asyncio.Lock()
 
     # -- repository -------------------------------------------------------------------------
     def load_all(self) -> None:
@@ -114,6 +119,77 @@ class DataPlane:
             mv.error = f"{type(exc).__name__}: {exc}"
             log.error("model version refused", extra={"model": name, "version": version, "reason": mv.error})
         return mv
+
+    # -- repository extension (Triton's: index, load, unload) ----------------------------------
+    def rescan(self, name: str) -> list[ModelVersion]:
+        """Serve what the repository now holds for `name` under its policy (load = Triton's load):
+        new versions load, loaded ones stay as they are, versions no longer selected leave. Returns
+        the versions that left, whose batchers the caller closes (async)."""
+        _check_names(name, None)
+        found = repository.scan(self.root).get(name, {})
+        if not found:
+            raise V2Error(404, f"model '{name}' is not in the repository")
+        current = self.models.get(name, {})
+        try:
+            served = repository.select_versions(repository.read_policy(self.root / name), list(found))
+            unserved = {v: "not selected by version policy" for v in found if v not in served}
+        except repository.PolicyError as exc:
+            served, unserved = [], {v: f"PolicyError: {exc}" for v in found}
+        versions: dict[str, ModelVersion] = {}
+        for version in sorted(served, key=_version_key):
+            mv = current.get(version)
+            versions[version] = mv if mv is not None and mv.ready else self._load(name, version, found[version])
+        gone = [mv for v, mv in current.items() if versions.get(v) is not mv]
+        self.models[name] = versions
+        if unserved:
+            self.unserved[name] = unserved
+        else:
+            self.unserved.pop(name, None)
+        return gone
+
+    def unload(self, name: str) -> list[ModelVersion]:
+        """Stop serving every version of `name` until the next load; returns them for closing."""
+        _check_names(name, None)
+        if name not in self.models:
+            raise V2Error(404, f"model '{name}' is not loaded")
+        gone = list(self.models.pop(name).values())
+        self.unserved[name] = {mv.version: "unloaded" for mv in gone}
+        return gone
+
+    def add_version(self, name: str, config: dict, files: dict[str, bytes]) -> str:
+        """Write a new version from an upload: the manifest (`config`) and every artifact it lists,
+        hashed here (the server owns its files), to a temporary folder renamed into place. The
+        version is the config's, else the next number; an existing version is never replaced."""
+        _check_names(name, None)
+        config = {**config, "name": name}
+        model_dir = self.root / name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        existing = repository.scan(self.root).get(name, {})
+        version = str(config.get("version") or max((int(v) for v in existing if v.isdigit()), default=0) + 1)
+        _check_names(name, version)
+        if version in existing or (model_dir / version).exists():
+            raise V2Error(409, f"model '{name}' already has a version '{version}'")
+        try:
+            manifest = Manifest.from_dict({**config, "version": version, "artifacts": config.get("artifacts") or {}})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise V2Error(400, f"config is not a valid manifest: {type(exc).__name__}: {exc}") from None
+        listed = set(manifest.artifacts)
+        if listed != set(files):
+            raise V2Error(400, f"files must be exactly the config's artifacts: listed {sorted(listed)}, "
+                               f"sent {sorted(files)}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{version}-", dir=model_dir))
+        try:
+            for artifact, content in files.items():
+                path = (tmp / artifact).resolve()
+                if path.parent != tmp.resolve() or not repository.is_valid_name(artifact):
+                    raise V2Error(400, f"artifact name {artifact[:80]!r} is not a plain file name")
+                path.write_bytes(content)
+            repository.write_manifest(tmp, manifest)
+            tmp.rename(model_dir / version)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("model version added", extra={"model": name, "version": version})
+        return version
 
     async def close(self) -> None:
         for vs in self.models.values():

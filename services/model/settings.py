@@ -22,3 +22,5 @@ class ModelSettings(ServiceSettings):
     max_queue_size: int = 256
     # Intra-op threads per model version; unset = the framework's default.
     threads: int | None = None
+    # Largest load request (a new version's files, base64): the fraud model is ~1 MB, MiniLM ~120 MB.
+    upload_max_bytes: int = 512 * 1024 * 1024

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from celery import shared_task
 from sqlalchemy import text
 
-from services.model.repository import read_manifest
+from services.model.client import ModelClient
 
 from . import training, validation
 from .db import run_with_engine
@@ -42,25 +41,25 @@ async def record_run(engine, model: str, report: dict) -> str:
 @shared_task(name="pipeline.train")
 def train(model: str = "fraud", since_s: int | None = None, force: bool = False) -> dict:
     settings = _settings()
-    repository = Path(settings.model_repository)
     since = datetime.now(UTC) - timedelta(seconds=since_s) if since_s else None
 
     async def run(engine):
         examples = await training.labelled_predictions(engine, model, since)
-        current = training.current_version(repository, model)
-        manifest = read_manifest(current[1]) if current else None
-        params = manifest.parameters if manifest else {}
-        entity, view = params.get("entity"), params.get("feature_view")
-        fetch = (training.feature_store_fetch(settings.features_url, entity, view, settings.http_timeout_s)
-                 if entity and view else None)
-        features = [t.name for t in manifest.inputs] if manifest else []
-        columns, labels = training.point_in_time_set(examples, features, params.get("join_key") or f"{entity}_id",
-                                                     fetch)
-        labels = [_int_label(v) for v in labels]
-        report = training.train_and_register(
-            repository, model, columns, labels, limits=_limits(settings), force=force,
-            source={"labelled_predictions": len(examples), "since": since.isoformat() if since else None,
-                    "feature_store": bool(fetch)})
+        # The model server describes the current version and registers the new one (its own API).
+        with ModelClient(settings.model_url, settings.http_timeout_s,
+                         internal_token=settings.internal_token) as models:
+            meta = training.current_model(models, model)
+            bound = training.binding(meta)
+            fetch = (training.feature_store_fetch(settings.features_url, bound.entity, bound.view,
+                                                  settings.http_timeout_s) if bound else None)
+            features = [t["name"] for t in meta["inputs"]] if meta else []
+            columns, labels = training.point_in_time_set(examples, features, bound.join_key if bound else "",
+                                                         fetch)
+            labels = [_int_label(v) for v in labels]
+            report = training.train_and_register(
+                models, model, columns, labels, limits=_limits(settings), force=force,
+                source={"labelled_predictions": len(examples), "since": since.isoformat() if since else None,
+                        "feature_store": bool(fetch)})
         report["run_id"] = await record_run(engine, model, report)
         return report
 

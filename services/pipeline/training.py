@@ -1,29 +1,33 @@
 """Training: a point-in-time training set from the feedback labels and the feature store, validated
 before use (validation.py), trained, evaluated against the current version on a holdout, and
-registered as a new version in the model repository (version folder, manifest with sha256s).
+registered as a new version through the model server's own API (its repository extension: the
+load request carries the new version's files; the server numbers, hashes and serves it).
+
+The current version is the model server's too: its metadata describes it, and it scores the
+holdout itself (RemoteEstimator), so no file of the model server is read here.
 """
 from __future__ import annotations
 
-import dataclasses
+import io
+import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.model.repository import (
-    MANIFEST,
+from services.chassis.errors import AppError
+from services.demo.recipes import SEED, fraud_estimator
+from services.model.client import (
+    BASELINE,
+    FeatureBinding,
+    ModelClient,
+    baseline_edges,
+    decode_columns,
+    encode_columns,
     is_valid_name,
-    read_manifest,
-    scan,
-    version_key,
-    write_baseline,
-    write_manifest,
 )
 
 from . import validation
@@ -84,40 +88,72 @@ def point_in_time_set(examples: list[dict], features: list[str], join_key: str,
     return columns, labels
 
 
-# -- training --------------------------------------------------------------------------------------
-def current_version(repository: Path, model: str) -> tuple[str, Path] | None:
-    versions = scan(Path(repository)).get(model, {})
-    if not versions:
-        return None
-    v = sorted(versions, key=version_key)[-1]
-    return v, versions[v]
+# -- training ----------------------------------------------------------------------------------------
+# Metadata parameters the model server adds to a manifest's own (service.DataPlane.metadata).
+_SERVER_PARAMETERS = ("version", "device", "precision", "runtime", "max_batch_size", "max_queue_delay_ms",
+                      "dynamic_batching")
 
 
-def _next_version(repository: Path, model: str) -> str:
-    numeric = [int(v) for v in scan(Path(repository)).get(model, {}) if v.isdigit()]
-    return str(max(numeric, default=0) + 1)
+def current_model(models: ModelClient, model: str) -> dict | None:
+    """The served (latest ready) version's v2 metadata, or None when the server has no such model."""
+    try:
+        return models.metadata(model)
+    except AppError as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
-def train_and_register(repository: Path, model: str, columns: dict[str, list], labels: list, *,
+def binding(metadata: dict | None) -> FeatureBinding | None:
+    return FeatureBinding.from_metadata(metadata) if metadata else None
+
+
+class RemoteEstimator:
+    """predict_proba of a served version, for validation and the holdout comparison."""
+
+    def __init__(self, models: ModelClient, metadata: dict):
+        self.models, self.meta = models, metadata
+        self.version = metadata["parameters"]["version"]
+        self.batch = int(metadata["parameters"].get("max_batch_size") or 1024)
+        self.features = [t["name"] for t in metadata["inputs"]]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        out = []
+        for lo in range(0, len(x), self.batch):
+            part = x[lo:lo + self.batch]
+            columns = {f: part[:, i].tolist() for i, f in enumerate(self.features)}
+            response = self.models.infer(self.meta["name"], self.version,
+                                         encode_columns(self.meta, columns, len(part)))
+            cols = decode_columns(response)
+            out.append(np.column_stack([np.asarray(cols["probability_0"]), np.asarray(cols["probability_1"])]))
+        return np.concatenate(out) if out else np.empty((0, 2))
+
+
+def _config(metadata: dict, parameters: dict) -> dict:
+    """The new version's manifest, from the current one's metadata: same inputs, outputs, runtime."""
+    p = metadata["parameters"]
+    return {"runtime": metadata["platform"], "inputs": metadata["inputs"], "outputs": metadata["outputs"],
+            "max_batch_size": p["max_batch_size"], "max_queue_delay_ms": p["max_queue_delay_ms"],
+            "device": p.get("device") or "auto", "parameters": parameters,
+            "artifacts": {"model.joblib": "", BASELINE: ""}}
+
+
+def train_and_register(models: ModelClient, model: str, columns: dict[str, list], labels: list, *,
                        limits: validation.Limits | None = None, ranges: dict | None = None,
                        tolerance: float = 0.01, force: bool = False, source: dict | None = None) -> dict:
     """Validate, train, evaluate against the current version, register. Returns the report:
     status refused (validation failed), rejected (worse than current), or registered."""
     import joblib
 
-    from services.model.build import SEED, _fraud_estimator
-
     if not is_valid_name(model):
         return {"status": "refused", "reason": f"{model[:80]!r} is not a valid model name"}
-    repository = Path(repository)
-    current = current_version(repository, model)
-    if current is None:
+    meta = current_model(models, model)
+    if meta is None:
         return {"status": "refused", "reason": f"no current version of {model} to start from"}
-    cur_version, cur_dir = current
-    manifest = read_manifest(cur_dir)
-    features = [t.name for t in manifest.inputs]
-    cur_est = joblib.load(cur_dir / "model.joblib")
-    params = manifest.parameters
+    cur_version = meta["parameters"]["version"]
+    features = [t["name"] for t in meta["inputs"]]
+    cur_est = RemoteEstimator(models, meta)
+    params = {k: v for k, v in meta["parameters"].items() if k not in _SERVER_PARAMETERS}
     reference = params.get("positive_share")
     x_all = None
     try:
@@ -143,7 +179,7 @@ def train_and_register(repository: Path, model: str, columns: dict[str, list], l
     split = int(len(y) * (1 - HOLDOUT_SHARE))
     from .quality import roc_auc
 
-    est = _fraud_estimator("2").fit(x[:split], y[:split])
+    est = fraud_estimator("2").fit(x[:split], y[:split])
     cand_auc = roc_auc(y[split:], est.predict_proba(x[split:])[:, 1])
     cur_auc = roc_auc(y[split:], cur_est.predict_proba(x[split:])[:, 1])
     evaluation = {"holdout_rows": int(len(y) - split), "candidate_auc": cand_auc, "current_auc": cur_auc,
@@ -152,23 +188,18 @@ def train_and_register(repository: Path, model: str, columns: dict[str, list], l
     if cand_auc is None or (cur_auc is not None and cand_auc < cur_auc - tolerance and not force):
         return {**result, "status": "rejected", "reason": "candidate is worse than the current version on the holdout"}
 
-    version = _next_version(repository, model)
-    target = repository / model / version
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model}-{version}-", dir=target.parent))
-    try:
-        joblib.dump(est, tmp / "model.joblib")
-        write_baseline(tmp, x[:split], features)
-        new = dataclasses.replace(
-            manifest, version=version, artifacts={"model.joblib": "", "baseline.json": ""},
-            parameters={**params, "holdout_auc": round(float(cand_auc), 4), "rows": len(y), "seed": SEED,
-                        "positive_share": round(float(y[:split].mean()), 6), "trained_from": source or {},
-                        "parent_version": cur_version,
-                        "trained_at": datetime.now(UTC).isoformat()})
-        write_manifest(tmp, new)
-        if target.exists():
-            raise FileExistsError(f"{target} appeared while training")
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("registered new model version", extra={"model": model, "version": version})
-    return {**result, "status": "registered", "version": version, "path": str(target / MANIFEST)}
+    buffer = io.BytesIO()
+    joblib.dump(est, buffer)
+    baseline = baseline_edges({f: x[:split, i].tolist() for i, f in enumerate(features)})
+    config = _config(meta, {
+        **params, "holdout_auc": round(float(cand_auc), 4), "rows": len(y), "seed": SEED,
+        "positive_share": round(float(y[:split].mean()), 6), "trained_from": source or {},
+        "parent_version": cur_version, "trained_at": datetime.now(UTC).isoformat()})
+    answer = models.load(model, config, {"model.joblib": buffer.getvalue(),
+                                         BASELINE: json.dumps(baseline, indent=2).encode()})
+    version = answer["version"]
+    state = next((r for r in answer["versions"] if r["version"] == version), {})
+    log.info("registered new model version", extra={"model": model, "version": version,
+                                                     "state": state.get("state")})
+    return {**result, "status": "registered", "version": version, "state": state.get("state"),
+            "reason": state.get("reason") or None}

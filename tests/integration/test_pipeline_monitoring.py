@@ -177,28 +177,40 @@ def _columns(x):
 
 
 def test_training_refuses_poison_with_a_report_and_registers_clean_data(models_dir, tmp_path):
+    """The pipeline registers through the model server's API: the server writes, hashes and serves."""
+    from services.model.app import create_app
+    from services.model.client import ModelClient
     from services.model.repository import read_manifest
+    from services.model.settings import ModelSettings
+    from tests.conftest import ServedApp
 
     repo = tmp_path / "models"
     shutil.copytree(models_dir / "fraud", repo / "fraud")
+    server = create_app(ModelSettings(repository=repo, internal_token="t0ken", ready_max_cpu_percent=100,
+                                      ready_max_memory_percent=100))
     x, y = synthetic.transactions(n=20_000, seed=123)
     rng = np.random.default_rng(3)
+    with ServedApp(server) as served, ModelClient(served.url, internal_token="t0ken") as models:
+        flipped = y.copy()
+        mask = rng.uniform(size=len(y)) < 0.35
+        flipped[mask] = 1 - flipped[mask]
+        out = training.train_and_register(models, "fraud", _columns(x), flipped.tolist())
+        assert out["status"] == "refused" and {"label_balance", "label_consistency"} <= set(out["validation"]["failed"])
 
-    flipped = y.copy()
-    mask = rng.uniform(size=len(y)) < 0.35
-    flipped[mask] = 1 - flipped[mask]
-    out = training.train_and_register(repo, "fraud", _columns(x), flipped.tolist())
-    assert out["status"] == "refused" and {"label_balance", "label_consistency"} <= set(out["validation"]["failed"])
+        bad_x = x.copy()
+        bad_x[rng.uniform(size=len(y)) < 0.25, 4] = -99_999  # account age out of range in a quarter of rows
+        out = training.train_and_register(models, "fraud", _columns(bad_x), y.tolist())
+        assert out["status"] == "refused" and out["validation"]["failed"] == ["ranges"]
+        assert sorted(p.name for p in (repo / "fraud").iterdir()) == ["1", "2"]  # nothing registered
 
-    bad_x = x.copy()
-    bad_x[rng.uniform(size=len(y)) < 0.25, 4] = -99_999  # account age out of range in a quarter of rows
-    out = training.train_and_register(repo, "fraud", _columns(bad_x), y.tolist())
-    assert out["status"] == "refused" and out["validation"]["failed"] == ["ranges"]
-    assert sorted(p.name for p in (repo / "fraud").iterdir()) == ["1", "2"]  # nothing registered
-
-    out = training.train_and_register(repo, "fraud", _columns(x), y.tolist(), tolerance=0.05)
-    assert out["status"] == "registered", out
-    assert out["version"] == "3" and out["validation"]["ok"]
-    manifest = read_manifest(repo / "fraud" / "3")  # verifies every sha256
+        out = training.train_and_register(models, "fraud", _columns(x), y.tolist(), tolerance=0.05)
+        assert out["status"] == "registered", out
+        assert out["version"] == "3" and out["validation"]["ok"] and out["state"] == "READY"
+        served_now = models.metadata("fraud")  # the server serves the new version at once
+        assert served_now["parameters"]["version"] == "3" and served_now["parameters"]["parent_version"] == "2"
+        assert served_now["parameters"]["entity"] == "customer" and "device" in served_now["parameters"]
+        assert len(models.infer_rows("fraud", [dict(zip(synthetic.FRAUD_FEATURES, x[0].tolist()))])) == 1
+    manifest = read_manifest(repo / "fraud" / "3")  # the server hashed every artifact
     assert manifest.parameters["parent_version"] == "2" and set(manifest.artifacts) == {"model.joblib", "baseline.json"}
+    assert "version" not in manifest.parameters and "dynamic_batching" not in manifest.parameters
     assert len(json.loads((repo / "fraud" / "3" / "baseline.json").read_text())["amount"]) == 11

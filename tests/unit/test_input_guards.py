@@ -224,4 +224,4 @@ def test_pipeline_drift_and_training_refuse_bad_names(tmp_path):
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "baseline.json").write_text('{"a": [0, 1]}')
     assert load_baseline(tmp_path / "models", "..", "etc") is None
-    assert train_and_register(tmp_path, "../x", {}, [])["status"] == "refused"
+    assert train_and_register(None, "../x", {}, [])["status"] == "refused"  # before any call

@@ -1,0 +1,104 @@
+"""Triton's model repository extension: index, load, unload; a load may carry a new version's files.
+
+`POST /v2/repository/models/{name}/load` with `{"parameters": {"config": "<manifest JSON>",
+"file:<artifact>": "<base64>", ...}}` adds a version (the config's, else the next number) and
+serves it; without parameters it rescans the model's folder. Load and unload change what the
+server serves, so they need the internal token; index is read-only. Errors keep the protocol's
+`{"error": msg}` shape (a missing token answers the stack's shape, 403).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from services.chassis.internal import require_internal
+
+from .api import _V2_ERROR, v2_error
+from .deps import Plane
+from .service import DataPlane, V2Error
+
+router = APIRouter(prefix="/v2/repository", tags=["v2 repository"], responses={"4XX": _V2_ERROR, "503": _V2_ERROR})
+admin = APIRouter(prefix="/v2/repository", tags=["v2 repository"], dependencies=[Depends(require_internal)],
+                  responses={"4XX": _V2_ERROR, "503": _V2_ERROR})
+
+
+@router.post("/index")
+async def index(plane: Plane, request: Request) -> list[dict]:
+    """Every version in the repository with its state; `{"ready": true}` keeps only ready ones."""
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+        return v2_error(V2Error(400, 'the body must be {"ready": true|false} or empty'))
+    rows = plane.index()
+    return [r for r in rows if r["state"] == "READY"] if body.get("ready") else rows
+
+
+def _upload(parameters: dict) -> tuple[dict | None, dict[str, bytes]]:
+    config, files = None, {}
+    for key, value in parameters.items():
+        if key == "config":
+            try:
+                config = json.loads(value) if isinstance(value, str) else None
+            except ValueError:
+                config = None
+            if not isinstance(config, dict):
+                raise V2Error(400, "parameters.config must be the version's manifest as a JSON string")
+        elif key.startswith("file:"):
+            try:
+                files[key[5:]] = base64.b64decode(value, validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise V2Error(400, f"parameters.{key[:80]} is not base64") from None
+        else:
+            raise V2Error(400, f"unknown load parameter {key[:80]!r}")
+    if files and config is None:
+        raise V2Error(400, "files need parameters.config (the manifest)")
+    return config, files
+
+
+async def _close(gone) -> None:
+    for mv in gone:
+        if mv.batcher is not None:
+            await mv.batcher.close()
+
+
+async def _load(plane: DataPlane, name: str, parameters: dict) -> dict:
+    config, files = _upload(parameters)
+    async with plane.repository_lock:
+        version = await asyncio.to_thread(plane.add_version, name, config, files) if config is not None else None
+        # Loading hashes artifacts and may import torch: off the event loop.
+        await _close(await asyncio.to_thread(plane.rescan, name))
+    rows = [r for r in plane.index() if r["name"] == name]
+    return {"name": name, "version": version, "versions": rows}
+
+
+@admin.post("/models/{name}/load")
+async def load(plane: Plane, request: Request, name: str):
+    try:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise V2Error(400, "the body is not JSON") from None
+        parameters = body.get("parameters", {}) if isinstance(body, dict) else None
+        if not isinstance(parameters, dict):
+            raise V2Error(400, 'the body must be {"parameters": {...}} or empty')
+        return await _load(plane, name, parameters)
+    except V2Error as exc:
+        return v2_error(exc)
+
+
+@admin.post("/models/{name}/unload")
+async def unload(plane: Plane, name: str):
+    try:
+        async with plane.repository_lock:
+            gone = plane.unload(name)
+            await _close(gone)
+    except V2Error as exc:
+        return v2_error(exc)
+    return JSONResponse({"name": name, "unloaded": sorted(mv.version for mv in gone)})
