@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client import Counter, Gauge
 
+from .clients import peer_closed_before_response
 from .errors import AppError
 
 log = logging.getLogger("aistack.upstream")
@@ -94,10 +95,17 @@ class Proxy:
         attempts = 1 + min(self.retries, len(self.pool.replicas) - 1) if replayable else 1
         # POST is not idempotent in general; a caller that knows better (inference) says so.
         idempotent = method.upper() in IDEMPOTENT if idempotent is None else idempotent
-        timeout = timeout_s or self.timeout_s
+        # A caller's deadline (timeout_s) covers every attempt, like Envoy's route timeout. When the
+        # deadline, not the pool's own timeout, cuts an attempt short, that is the caller's budget
+        # running out, not the replica failing: it never counts towards ejection.
+        own = httpx.Timeout(self.timeout_s) if self.timeout_s else self.http.timeout
+        deadline = time.monotonic() + timeout_s if timeout_s else None
         tried: tuple[Replica, ...] = ()
         for attempt in range(attempts):
             last = attempt + 1 == attempts
+            allowed = None if deadline is None else deadline - time.monotonic()
+            if allowed is not None and allowed <= 0:
+                raise deadline_exceeded(self.pool.name, timeout_s)
             replica = self.pool.pick(tried)
             tried += (replica,)
             if attempt:
@@ -106,8 +114,26 @@ class Proxy:
             OUTSTANDING.labels(self.pool.name).inc()
             try:
                 url = f"{replica.url}{path}" + (f"?{params}" if params else "")
-                kwargs = {"timeout": timeout} if timeout else {}
+                kwargs = {"timeout": _attempt_timeout(own, allowed)} if allowed or self.timeout_s else {}
                 response = await self.http.request(method, url, content=content, headers=sent, **kwargs)
+            except httpx.TimeoutException as exc:
+                if _cut_by_deadline(exc, allowed, own):
+                    FAILURES.labels(self.pool.name, "deadline").inc()
+                    raise deadline_exceeded(self.pool.name, timeout_s) from None
+                if isinstance(exc, httpx.PoolTimeout):  # our own connection pool is full: not the replica
+                    FAILURES.labels(self.pool.name, "pool").inc()
+                    raise UpstreamError(503, "upstream_busy", f"no free connection to {self.pool.name}",
+                                        headers={"Retry-After": "1"}) from None
+                connect = isinstance(exc, httpx.ConnectTimeout)
+                FAILURES.labels(self.pool.name, "connect" if connect else "timeout").inc()
+                self.pool.record(replica, ok=False)
+                if (connect or idempotent) and not last:
+                    continue
+                if connect:
+                    raise UpstreamError(503, "upstream_unavailable", f"{self.pool.name} did not accept a "
+                                        f"connection within {own.connect:g} s", headers={"Retry-After": "2"}) from None
+                raise UpstreamError(504, "upstream_timeout", f"{self.pool.name} did not answer within "
+                                    f"{_phase_limit(exc, own):g} s") from None
             except NOT_SENT:
                 FAILURES.labels(self.pool.name, "connect").inc()
                 self.pool.record(replica, ok=False)
@@ -115,16 +141,13 @@ class Proxy:
                     continue
                 raise UpstreamError(503, "upstream_unavailable", f"{self.pool.name} is unreachable",
                                headers={"Retry-After": "2"}) from None
-            except httpx.TimeoutException:
-                FAILURES.labels(self.pool.name, "timeout").inc()
-                self.pool.record(replica, ok=False)
-                if idempotent and not last:
-                    continue
-                raise UpstreamError(504, "upstream_timeout", f"{self.pool.name} timed out") from None
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 FAILURES.labels(self.pool.name, "transport").inc()
                 self.pool.record(replica, ok=False)
-                if idempotent and not last:
+                # Closed before any response byte (after the client's own retry on a fresh
+                # connection, clients.StaleConnectionRetry): never processed, so any method may
+                # go to another replica.
+                if (idempotent or peer_closed_before_response(exc)) and not last:
                     continue
                 raise UpstreamError(502, "bad_gateway", f"{self.pool.name} broke the connection") from None
             finally:
@@ -138,3 +161,32 @@ class Proxy:
                     continue
             return response
         raise AssertionError("unreachable")
+
+
+def deadline_exceeded(name: str, deadline_s: float) -> UpstreamError:
+    """504 naming the caller's deadline (the replica may be perfectly healthy)."""
+    return UpstreamError(504, "deadline_exceeded", f"{name} did not answer within the caller's deadline of "
+                         f"{deadline_s:g} s", {"deadline_s": deadline_s})
+
+
+def _phase_limit(exc: httpx.TimeoutException, timeout: httpx.Timeout) -> float:
+    phase = ("connect" if isinstance(exc, httpx.ConnectTimeout) else "write" if isinstance(exc, httpx.WriteTimeout)
+             else "pool" if isinstance(exc, httpx.PoolTimeout) else "read")
+    return getattr(timeout, phase) or 0.0
+
+
+def _attempt_timeout(own: httpx.Timeout, allowed: float | None) -> httpx.Timeout:
+    """The pool's own timeouts, each shortened to what is left of the caller's deadline (if any)."""
+    if allowed is None:
+        return own
+    return httpx.Timeout(connect=min(allowed, own.connect or allowed), read=allowed, write=allowed,
+                         pool=min(allowed, own.pool or allowed))
+
+
+def _cut_by_deadline(exc: httpx.TimeoutException, allowed: float | None, own: httpx.Timeout) -> bool:
+    """Whether the timeout that fired was the caller's deadline cutting the attempt short rather than
+    the replica missing the pool's own limit for that phase (only that is the replica's failure)."""
+    if allowed is None:
+        return False
+    limit = _phase_limit(exc, own)
+    return not limit or allowed < limit

@@ -4,8 +4,9 @@ import base64
 import math
 import struct
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
 from services.chassis.errors import AppError, error_body
@@ -15,6 +16,7 @@ from services.model.client import ModelName
 from .deps import Policies, PredictorDep, Principal, UseCache
 from .schemas import (EmbeddingsRequest, FeedbackRequest, FeedbackResponse, PolicyRecord, PolicyUpdate,
                       PredictRequest, PredictResponse, RollbackRequest)
+from .usage import USAGE_DAYS
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 admin = APIRouter(prefix="/admin", tags=["admin"])
@@ -35,7 +37,8 @@ async def predict(model: ModelName, body: PredictRequest, predictor: PredictorDe
     started = time.perf_counter()
     out = await predictor.predict(model, body.rows, principal, body.version, use_cache)
     _timing(response, started)
-    result = {"prediction_id": out.prediction_id, "model": out.model, "version": out.version, "cached": out.cached}
+    result = {"prediction_id": out.prediction_id, "model": out.model, "version": out.version, "cached": out.cached,
+              "fallback": out.fallback or None}
     if body.inputs is not None:
         return {**result, "outputs": out.rows[0]}
     return {**result, "predictions": out.rows}
@@ -108,6 +111,14 @@ async def rollback_policy(model: ModelName, body: RollbackRequest, policies: Pol
     record = await policies.rollback(model, body.to, principal)
     await _audit(predictor, principal, "policy.rollback", model, {"policy_id": record["id"], "to": body.to})
     return record
+
+
+@admin.get("/usage")
+async def usage(predictor: PredictorDep, days: Annotated[int, Query(ge=1, le=USAGE_DAYS)] = 7,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict:
+    """Top principals by rows predicted over the last `days` UTC days: per-principal usage lives here
+    and in the prediction log, never as a metrics label (docs/metrics.md)."""
+    return {"days": days, "principals": await predictor.usage.top(days, limit)}
 
 
 @admin.get("/cache/stats")

@@ -3,7 +3,6 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 import httpx
-
 from fastapi import FastAPI
 
 from services.chassis.app import create_service_app
@@ -11,10 +10,11 @@ from services.chassis.clients import http_client
 from services.chassis.health import add_ready_check
 from services.chassis.resources import redis_and_postgres
 from services.chassis.upstream import Proxy, UpstreamPool
+from services.model.client import AsyncModelClient
 
 from .api import admin, internal, router
 from .cache import ResponseCache
-from .service import FeatureClient, ModelGateway, Predictor
+from .service import FeatureClient, Predictor
 from .settings import OrchestratorSettings
 from .store import PolicyStore
 
@@ -35,7 +35,9 @@ def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
                 pass
             policies.start(settings.policy_reload_s)
             predictor = Predictor(
-                ModelGateway(models, settings.metadata_ttl_s), FeatureClient(features_http),
+                AsyncModelClient.over_upstream(models, metadata_ttl_s=settings.metadata_ttl_s,
+                                               internal_token=settings.internal_token),
+                FeatureClient(features_http),
                 ResponseCache(app.state.redis), policies, app.state.redis,
                 max_batch_rows=settings.max_batch_rows, log_maxlen=settings.prediction_log_maxlen,
                 index_ttl_s=settings.feedback_window_s,

@@ -14,9 +14,13 @@ BUCKETS = 10_000
 
 
 class Shadow(BaseModel):
+    """Mirror `percent` % of routed requests (sampled by request id) to `version` after answering.
+    Requests answered from the cache are not mirrored unless `mirror_cached`."""
+
     model_config = ConfigDict(extra="forbid")
     version: str
     percent: float = Field(100.0, ge=0, le=100)
+    mirror_cached: bool = False
 
 
 class Ensemble(BaseModel):
@@ -79,9 +83,10 @@ def choose_version(policy: Policy, model: str, principal: str) -> str | None:
     return live[-1][0]
 
 
-def mirrors(policy: Policy, model: str, request_key: str) -> bool:
-    """Whether this request is copied to the shadow version."""
-    return bool(policy.shadow) and bucket(request_key, model, "shadow") < policy.shadow.percent / 100 * BUCKETS
+def mirrors(policy: Policy, model: str, request_id: str) -> bool:
+    """Whether this request is copied to the shadow version: a share of requests by request id (not
+    by input, which would mirror a given input always or never)."""
+    return bool(policy.shadow) and bucket(request_id, model, "shadow") < policy.shadow.percent / 100 * BUCKETS
 
 
 def combine(method: str, per_version: list[list[dict]]) -> list[dict]:

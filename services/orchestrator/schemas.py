@@ -41,6 +41,8 @@ class PredictResponse(BaseModel):
     model: str
     version: str
     cached: bool
+    fallback: bool | None = Field(default=None, description="true when the policy's fallback version answered "
+                                  "(never cached)")
     outputs: dict[str, Any] | None = None
     predictions: list[dict[str, Any]] | None = None
 

@@ -14,18 +14,22 @@ from prometheus_client import Counter, Histogram
 
 from services.chassis.errors import AppError
 from services.chassis.telemetry import annotate
-from services.chassis.upstream import Proxy, UpstreamError
-from services.model.client import check_name, decode_rows, encode_rows
+from services.chassis.upstream import UpstreamError
+from services.model.client import AsyncModelClient, FeatureBinding, decode_rows, encode_rows
 
 from .cache import PREFIX as CACHE_PREFIX
-from .cache import ResponseCache, cache_key
+from .cache import ResponseCache, cache_key, canonical_inputs, flight_key
+from .contract import FEEDBACK_STREAM, PREDICTION_INDEX, PREDICTION_STREAM, FeedbackEntry, PredictionEntry
 from .policy import Policy, choose_version, combine, mirrors
 from .store import PolicyStore
+from .usage import Usage
 
 log = logging.getLogger("aistack.orchestrator")
 
+# Labels are bounded (docs/metrics.md): never a principal, user, key or raw path. Who used what is
+# in the prediction log and the usage counters (GET /admin/usage), not in Prometheus.
 PREDICTIONS = Counter("aistack_orchestrator_predictions_total", "Predictions served (rows)",
-                      ["model", "version", "principal", "cached"])
+                      ["model", "version", "cached"])
 FALLBACKS = Counter("aistack_orchestrator_fallbacks_total", "Requests served by the fallback version",
                     ["model", "failed_version", "fallback_version"])
 SHADOW = Counter("aistack_orchestrator_shadow_total", "Shadow comparisons per row", ["model", "version", "agree"])
@@ -33,64 +37,10 @@ STAGE = Histogram("aistack_orchestrator_stage_seconds", "Time per stage of the p
                   ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 LOG_ERRORS = Counter("aistack_orchestrator_prediction_log_errors_total", "Prediction log writes that failed")
 
-PREDICTION_STREAM = "orchestrator:predictions"
-FEEDBACK_STREAM = "orchestrator:feedback"
-PREDICTION_INDEX = "orchestrator:prediction"
-
 
 def cache_data_key(model: str, input_hash: str) -> str:
     """The Redis key of a cached response (cache.py): the prediction log's input_hash names it."""
     return f"{CACHE_PREFIX}:{model}:{input_hash}"
-
-
-class ModelGateway:
-    """Talks v2 to the model server replicas; caches model metadata so the hot path makes one call."""
-
-    def __init__(self, proxy: Proxy, metadata_ttl_s: float):
-        self.proxy = proxy
-        self.ttl = metadata_ttl_s
-        self._metadata: dict[tuple[str, str | None], tuple[float, dict]] = {}
-
-    async def metadata(self, model: str, version: str | None) -> dict:
-        check_name(model)
-        if version is not None:
-            check_name(version, "version")
-        key = (model, version)
-        hit = self._metadata.get(key)
-        if hit and time.monotonic() - hit[0] < self.ttl:
-            return hit[1]
-        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
-        meta = (await self._call("GET", path)).json()
-        self._metadata[key] = (time.monotonic(), meta)
-        return meta
-
-    async def infer(self, model: str, version: str, body: dict, timeout: float | None = None) -> dict:
-        check_name(model), check_name(version, "version")
-        path = f"/v2/models/{model}/versions/{version}/infer"
-        return (await self._call("POST", path, body, timeout)).json()
-
-    async def _call(self, method: str, path: str, body: dict | None = None,
-                    timeout: float | None = None) -> httpx.Response:
-        # Inference has no side effects: a replica that fails or times out is retried on another.
-        content = orjson.dumps(body) if body is not None else b""
-        response = await self.proxy.forward(method, path, content, {"content-type": "application/json"},
-                                            timeout_s=timeout, idempotent=True)
-        if response.status_code == 404:
-            raise AppError(404, "model_not_found", _v2_message(response))
-        if response.status_code == 400:
-            raise AppError(422, "invalid_inputs", _v2_message(response))
-        if response.status_code >= 400:
-            status = 503 if response.status_code == 503 else 502
-            raise UpstreamError(status, "model_error", _v2_message(response),
-                                headers={"Retry-After": response.headers.get("Retry-After", "1")})
-        return response
-
-
-def _v2_message(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("error", response.text))
-    except ValueError:
-        return response.text[:300]
 
 
 class FeatureClient:
@@ -125,14 +75,16 @@ class Outcome:
     version: str
     cached: bool
     rows: list[dict]
+    fallback: bool = False
 
 
 class Predictor:
-    def __init__(self, models: ModelGateway, features: FeatureClient | None, cache: ResponseCache,
+    def __init__(self, models: AsyncModelClient, features: FeatureClient | None, cache: ResponseCache,
                  policies: PolicyStore, redis: aioredis.Redis, *, max_batch_rows: int = 1000,
-                 log_maxlen: int = 1_000_000, index_ttl_s: int = 7 * 86400):
+                 log_maxlen: int = 1_000_000, index_ttl_s: int = 7 * 86400, usage: Usage | None = None):
         self.models, self.features, self.cache, self.policies = models, features, cache, policies
         self.redis = redis
+        self.usage = usage or Usage(redis)
         self.max_batch_rows, self.log_maxlen, self.index_ttl_s = max_batch_rows, log_maxlen, index_ttl_s
         self._background: set[asyncio.Task] = set()
 
@@ -143,48 +95,58 @@ class Predictor:
         if len(rows) > self.max_batch_rows:
             raise AppError(413, "batch_too_large", f"at most {self.max_batch_rows} rows per request")
         started = time.perf_counter()
+        prediction_id = uuid.uuid4().hex
         policy = self.policies.get(model)
-        if version is None and policy.ensemble:
+        pinned = version is not None
+        if not pinned and policy.ensemble:
             versions = policy.ensemble.versions
         else:
             chosen = version or choose_version(policy, model, principal)
             versions = [chosen or str((await self.models.metadata(model, None))["parameters"]["version"])]
-        meta = await self.models.metadata(model, versions[0])
+        metas = [await self.models.metadata(model, v) for v in versions]
         with STAGE.labels("features").time():
-            rows = await self._enrich(meta, rows)
+            rows = await self._enrich(metas[0], rows)
         label = versions[0] if len(versions) == 1 else f"ensemble({','.join(versions)}:{policy.ensemble.method})"
-        key = cache_key(model, label, rows)
+        # The answer's identity: the inputs as each version will see them and each version's content.
+        bodies = [encode_rows(meta, rows) for meta in metas]
+        key = cache_key(model, label, [(v, (m.get("parameters") or {}).get("digest", ""), canonical_inputs(b))
+                                       for v, m, b in zip(versions, metas, bodies)])
+        # Only a routed request may fall back: it must never share a computation with a pinned one.
+        fallback = None if pinned or policy.fallback in versions else policy.fallback
+        flight = flight_key(key, pinned=pinned, fallback=fallback, timeout_s=policy.timeout_s)
 
         async def compute() -> dict:
-            return await self._infer(model, versions, meta, rows, policy, pinned=version is not None)
+            return await self._infer(model, versions, bodies, rows, policy, fallback)
 
         with STAGE.labels("infer").time():
             result, status = await self.cache.get_or_compute(model, key, policy.cache_ttl_s, compute,
-                                                             bypass=not use_cache)
-        served, outputs = result["version"], result["rows"]
-        cached = status in ("hit", "coalesced")
-        outcome = Outcome(uuid.uuid4().hex, model, served, cached, outputs)
-        annotate(model=model, version=served, cache_hit=cached, batch_size=len(rows), principal=principal)
-        PREDICTIONS.labels(model, served, principal, str(cached).lower()).inc(len(rows))
-        if version is None and mirrors(policy, model, key) and policy.shadow.version not in versions:
-            self._spawn(self._shadow(model, policy.shadow.version, rows, outputs))
+                                                             bypass=not use_cache, flight=flight)
+        served, outputs, fell_back = result["version"], result["rows"], bool(result.get("fallback"))
+        # A fallback answer is never stored, and never reported as cached even to a coalesced waiter.
+        cached = status in ("hit", "coalesced") and not fell_back
+        outcome = Outcome(prediction_id, model, served, cached, outputs, fell_back)
+        annotate(model=model, version=served, cache_hit=cached, batch_size=len(rows))
+        PREDICTIONS.labels(model, served, str(cached).lower()).inc(len(rows))
+        shadow = policy.shadow
+        if (not pinned and shadow and shadow.version not in versions and (not cached or shadow.mirror_cached)
+                and mirrors(policy, model, prediction_id)):
+            self._spawn(self._shadow(model, shadow.version, rows, outputs))
         await self._log(outcome, principal, key, rows, time.perf_counter() - started)
         return outcome
 
     # -- inference with fallback and ensembles ------------------------------------------------
-    async def _infer(self, model: str, versions: list[str], meta: dict, rows: list[dict], policy: Policy,
-                     pinned: bool) -> dict:
+    async def _infer(self, model: str, versions: list[str], bodies: list[dict], rows: list[dict],
+                     policy: Policy, fallback: str | None) -> dict:
         try:
             per_version = await asyncio.gather(
-                *(self._infer_one(model, v, rows, policy.timeout_s) for v in versions))
+                *(self._infer_body(model, v, b, policy.timeout_s) for v, b in zip(versions, bodies)))
         except UpstreamError as exc:
-            fallback = policy.fallback
-            if pinned or not fallback or fallback in versions:
+            if not fallback:
                 raise
             log.warning("version failed, using fallback",
                         extra={"model": model, "versions": versions, "fallback": fallback, "error": exc.message})
             FALLBACKS.labels(model, ",".join(versions), fallback).inc()
-            # The last resort gets the client's full timeout, and its answer is not cached.
+            # The last resort gets the client's full timeout; its answer is never cached nor shared.
             return {"version": fallback, "rows": await self._infer_one(model, fallback, rows, None),
                     "fallback": True}
         if len(versions) == 1:
@@ -192,10 +154,19 @@ class Predictor:
         label = f"ensemble({','.join(versions)}:{policy.ensemble.method})"
         return {"version": label, "rows": combine(policy.ensemble.method, per_version)}
 
+    async def _infer_body(self, model: str, version: str, body: dict, timeout: float | None) -> list[dict]:
+        try:
+            return decode_rows(await self.models.infer(model, version, body, timeout))
+        except UpstreamError as exc:
+            if exc.code == "deadline_exceeded" and timeout is not None:
+                raise UpstreamError(504, "deadline_exceeded", f"model '{model}' version '{version}' did not "
+                                    f"answer within the policy's timeout_s of {timeout:g} s",
+                                    {"model": model, "version": version, "timeout_s": timeout}) from None
+            raise
+
     async def _infer_one(self, model: str, version: str, rows: list[dict], timeout: float | None) -> list[dict]:
         meta = await self.models.metadata(model, version)
-        response = await self.models.infer(model, version, encode_rows(meta, rows), timeout)
-        return decode_rows(response)
+        return await self._infer_body(model, version, encode_rows(meta, rows), timeout)
 
     async def _shadow(self, model: str, version: str, rows: list[dict], served: list[dict]) -> None:
         """Mirror to the shadow version; its answer is only compared, never returned."""
@@ -211,17 +182,16 @@ class Predictor:
     # -- features ------------------------------------------------------------------------------
     async def _enrich(self, meta: dict, rows: list[dict]) -> list[dict]:
         """Fill the model's inputs from the online store for rows that name an entity id."""
-        params = meta.get("parameters", {})
-        entity, view = params.get("entity"), params.get("feature_view")
-        if not entity or not view or self.features is None:
+        binding = FeatureBinding.from_metadata(meta)
+        if binding is None or self.features is None:
             return rows
-        join_key = params.get("join_key") or f"{entity}_id"
+        join_key = binding.join_key
         inputs = [i["name"] for i in meta["inputs"]]
         need = [i for i, r in enumerate(rows) if r.get(join_key) is not None and any(n not in r for n in inputs)]
         if not need:
             return rows
         ids = sorted({str(rows[i][join_key]) for i in need})
-        found = await self.features.online(entity, ids, view)
+        found = await self.features.online(binding.entity, ids, binding.view)
         enriched = list(rows)
         missing: dict[str, list[str]] = {}
         for i in need:
@@ -233,7 +203,7 @@ class Predictor:
                     continue  # what the caller supplies wins
                 if values["statuses"].get(name) == "present":
                     row[name] = values["values"][name]
-                elif name not in params.get("request_features", []):
+                elif name not in binding.request_features:
                     missing.setdefault(name, []).append(entity_id)
             enriched[i] = row
         if missing:
@@ -244,19 +214,19 @@ class Predictor:
 
     # -- prediction log and feedback ---------------------------------------------------------------
     async def _log(self, outcome: Outcome, principal: str, key: str, rows: list[dict], latency_s: float) -> None:
-        """Append to the bounded stream the pipeline persists; losing Redis never fails a prediction."""
-        entry = {
-            "id": outcome.prediction_id, "time": f"{time.time():.6f}", "principal": principal,
-            "model": outcome.model, "version": outcome.version, "input_hash": key,
-            "inputs": orjson.dumps(rows), "outputs": orjson.dumps(outcome.rows),
-            "latency_ms": f"{latency_s * 1000:.3f}", "cached": int(outcome.cached),
-        }
+        """Append to the bounded stream the pipeline persists (contract.py) and count the principal's
+        usage; losing Redis never fails a prediction."""
+        entry = PredictionEntry(
+            id=outcome.prediction_id, time=time.time(), principal=principal, model=outcome.model,
+            version=outcome.version, input_hash=key, inputs=rows, outputs=outcome.rows,
+            latency_ms=latency_s * 1000, cached=outcome.cached, fallback=outcome.fallback)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(PREDICTION_STREAM, entry, maxlen=self.log_maxlen, approximate=True)
+                pipe.xadd(PREDICTION_STREAM, entry.to_fields(), maxlen=self.log_maxlen, approximate=True)
                 pipe.set(f"{PREDICTION_INDEX}:{outcome.prediction_id}",
                          orjson.dumps({"model": outcome.model, "version": outcome.version, "rows": len(rows)}),
                          ex=self.index_ttl_s)
+                self.usage.record(pipe, principal, outcome.model, len(rows), outcome.cached)
                 await pipe.execute()
         except aioredis.RedisError as exc:
             LOG_ERRORS.inc()
@@ -270,65 +240,82 @@ class Predictor:
         pred = orjson.loads(raw)
         if not 0 <= row < pred["rows"]:
             raise AppError(422, "invalid_row", f"prediction has {pred['rows']} row(s); row {row} is out of range")
-        entry_id = await self.redis.xadd(FEEDBACK_STREAM, {
-            "prediction_id": prediction_id, "row": row, "label": orjson.dumps(label), "principal": principal,
-            "model": pred["model"], "version": pred["version"], "time": f"{time.time():.6f}",
-        }, maxlen=self.log_maxlen, approximate=True)
+        entry = FeedbackEntry(prediction_id=prediction_id, row=row, label=label, principal=principal,
+                              model=pred["model"], version=pred["version"], time=time.time())
+        entry_id = await self.redis.xadd(FEEDBACK_STREAM, entry.to_fields(), maxlen=self.log_maxlen,
+                                         approximate=True)
         return {"prediction_id": prediction_id, "model": pred["model"], "version": pred["version"],
                 "feedback_id": entry_id.decode()}
 
     # -- data subjects (docs/privacy.md) ----------------------------------------------------------
-    async def _subject_entries(self, stream: str, principal: str, page: int = 1000):
-        """Entries of one log stream whose principal is this one (a full XRANGE scan, page by page)."""
-        want, start = principal.encode(), "-"
+    async def _entries(self, stream: str, page: int = 1000):
+        """Every entry of one log stream (a full XRANGE scan, page by page)."""
+        start = "-"
         while True:
             batch = await self.redis.xrange(stream, min=start, max="+", count=page)
-            for entry_id, fields in batch:
-                if fields.get(b"principal") == want:
-                    yield entry_id, fields
+            for entry in batch:
+                yield entry
             if len(batch) < page:
                 return
-            last = batch[-1][0].decode()
-            ms, _, seq = last.partition("-")
+            ms, _, seq = batch[-1][0].decode().partition("-")
             start = f"{ms}-{int(seq) + 1}"
 
+    async def _subject_predictions(self, principal: str):
+        want = principal.encode()
+        async for entry_id, fields in self._entries(PREDICTION_STREAM):
+            if fields.get(b"principal") == want:
+                yield entry_id, _parsed(PredictionEntry, fields)
+
+    async def _subject_feedback(self, principal: str, prediction_ids: set[str]):
+        """Feedback the principal gave, and feedback anyone gave about the principal's predictions."""
+        async for entry_id, fields in self._entries(FEEDBACK_STREAM):
+            given_by, about = fields.get(b"principal", b"").decode(), fields.get(b"prediction_id", b"").decode()
+            if given_by == principal or about in prediction_ids:
+                yield entry_id, _parsed(FeedbackEntry, fields)
+
     async def subject_export(self, principal: str) -> dict:
-        """What Redis holds about a principal: its entries in the prediction and feedback log streams
-        (not yet expired by the stream's bound) and how many of their responses are cached now."""
+        """What Redis holds about a principal: its entries in the prediction log, the feedback it gave
+        or that labels its predictions, its usage counters, and how many of its responses are cached."""
         predictions, feedback, cached = [], [], 0
-        async for entry_id, f in self._subject_entries(PREDICTION_STREAM, principal):
-            predictions.append({"stream_id": entry_id.decode(), "prediction_id": f[b"id"].decode(),
-                                "time": float(f[b"time"]), "model": f[b"model"].decode(),
-                                "version": f[b"version"].decode(), "input_hash": f[b"input_hash"].decode(),
-                                "inputs": orjson.loads(f[b"inputs"]), "outputs": orjson.loads(f[b"outputs"])})
-        async for entry_id, f in self._subject_entries(FEEDBACK_STREAM, principal):
-            feedback.append({"stream_id": entry_id.decode(), "prediction_id": f[b"prediction_id"].decode(),
-                             "row": int(f[b"row"]), "label": orjson.loads(f[b"label"]),
-                             "model": f[b"model"].decode(), "version": f[b"version"].decode(),
-                             "time": float(f[b"time"])})
+        async for entry_id, e in self._subject_predictions(principal):
+            if e is None:
+                continue
+            predictions.append({"stream_id": entry_id.decode(), "prediction_id": e.id, "time": e.time,
+                                "model": e.model, "version": e.version, "input_hash": e.input_hash,
+                                "inputs": e.inputs, "outputs": e.outputs})
+        own = {p["prediction_id"] for p in predictions}
+        async for entry_id, f in self._subject_feedback(principal, own):
+            if f is None:
+                continue
+            feedback.append({"stream_id": entry_id.decode(), "prediction_id": f.prediction_id, "row": f.row,
+                             "label": f.label, "model": f.model, "version": f.version, "time": f.time,
+                             "given_by_subject": f.principal == principal})
         if predictions:
             keys = sorted({cache_data_key(p["model"], p["input_hash"]) for p in predictions})
             cached = int(await self.redis.exists(*keys))
         return {"principal": principal, "prediction_log": predictions, "feedback_log": feedback,
-                "cached_responses": cached}
+                "usage": await self.usage.of(principal), "cached_responses": cached}
 
     async def subject_erase(self, principal: str, refs: list[dict] | None = None) -> dict:
-        """Delete a principal's log entries, the cached responses and feedback index keys of its
-        predictions (those in the streams plus `refs`, which auth gets from the pipeline). Idempotent.
+        """Delete a principal's log entries, the feedback it gave or that labels its predictions (by
+        prediction id, whoever gave it: as the pipeline does in its table), its usage counters, and
+        the cached responses and feedback index keys of its predictions (those in the stream plus
+        `refs`, which auth gets from the pipeline). Idempotent.
 
         A cached response is keyed by its inputs, not by who asked: the same inputs from someone else
         share the entry, which is dropped too (a cache miss later, nothing lost)."""
         refs = list(refs or [])
         pred_ids, fb_ids = [], []
-        async for entry_id, f in self._subject_entries(PREDICTION_STREAM, principal):
+        async for entry_id, e in self._subject_predictions(principal):
             pred_ids.append(entry_id)
-            refs.append({"prediction_id": f[b"id"].decode(), "model": f[b"model"].decode(),
-                         "input_hash": f[b"input_hash"].decode()})
-        async for entry_id, _ in self._subject_entries(FEEDBACK_STREAM, principal):
+            if e is not None:
+                refs.append({"prediction_id": e.id, "model": e.model, "input_hash": e.input_hash})
+        own = {r["prediction_id"] for r in refs if r.get("prediction_id")}
+        async for entry_id, _ in self._subject_feedback(principal, own):
             fb_ids.append(entry_id)
         cache_keys = sorted({cache_data_key(r["model"], r["input_hash"]) for r in refs
                              if r.get("model") and r.get("input_hash")})
-        index_keys = sorted({f"{PREDICTION_INDEX}:{r['prediction_id']}" for r in refs if r.get("prediction_id")})
+        index_keys = sorted(f"{PREDICTION_INDEX}:{p}" for p in own)
         counts = {"prediction_log": 0, "feedback_log": 0, "cached_responses": 0, "prediction_index": 0}
         for i in range(0, len(pred_ids), 500):
             counts["prediction_log"] += await self.redis.xdel(PREDICTION_STREAM, *pred_ids[i:i + 500])
@@ -338,6 +325,7 @@ class Predictor:
             counts["cached_responses"] += await self.redis.unlink(*cache_keys[i:i + 500])
         for i in range(0, len(index_keys), 500):
             counts["prediction_index"] += await self.redis.unlink(*index_keys[i:i + 500])
+        counts["usage"] = await self.usage.erase(principal)
         return {"principal": principal, **counts}
 
     # -- housekeeping ----------------------------------------------------------------------------
@@ -350,3 +338,10 @@ class Predictor:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
+
+def _parsed(kind, fields: dict):
+    """An entry of the contract's type, or None for a malformed one (still found, and erased)."""
+    try:
+        return kind.from_fields(fields)
+    except (ValueError, TypeError):
+        return None
