@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import ssl
 
@@ -9,9 +10,13 @@ import httpx
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+log = logging.getLogger("aistack.http")
+
 
 def http_client(base_url: str = "", timeout: float = 10.0, max_connections: int = 200) -> httpx.AsyncClient:
-    """Retries here cover connection failures only (safe for any method); callers retry the rest.
+    """Retries here cover requests the peer never processed, safe for any method: connection
+    failures, and a pooled keep-alive connection that the peer closed before any response byte
+    arrived (retried once on a fresh connection, see StaleConnectionRetry). Callers retry the rest.
 
     https:// upstreams are verified against the public roots plus AISTACK_CA_BUNDLE (a PEM file of
     extra CAs, e.g. the stack's own development CA); SSL_CERT_FILE / SSL_CERT_DIR replace the
@@ -21,8 +26,33 @@ def http_client(base_url: str = "", timeout: float = 10.0, max_connections: int 
         base_url=base_url,
         timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        transport=httpx.AsyncHTTPTransport(retries=2, verify=tls_client_context()),
+        transport=StaleConnectionRetry(retries=2, verify=tls_client_context()),
     )
+
+
+_NO_RESPONSE = "without sending a response"  # httpcore's message when the peer closed before answering
+
+
+def peer_closed_before_response(exc: Exception) -> bool:
+    """True when the peer closed the connection before sending any response byte: nothing was
+    processed (a keep-alive connection it had just closed, e.g. after an error or an idle timeout)."""
+    return isinstance(exc, httpx.RemoteProtocolError) and _NO_RESPONSE in str(exc)
+
+
+class StaleConnectionRetry(httpx.AsyncHTTPTransport):
+    """A pooled connection can be closed by the peer while the request is on its way; the request
+    then fails though the peer never saw it. Send it once more, on a fresh connection, whatever the
+    method (a streamed body that cannot be replayed is the exception)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except httpx.RemoteProtocolError as exc:
+            if not peer_closed_before_response(exc) or not isinstance(request.stream, httpx.ByteStream):
+                raise
+            log.info("%s %s: connection closed by the peer before a response; sending once more",
+                     request.method, request.url.host)
+            return await super().handle_async_request(request)
 
 
 def tls_client_context() -> ssl.SSLContext:

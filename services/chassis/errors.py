@@ -122,6 +122,55 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal", "internal server error")
 
+    build_stack = app.build_middleware_stack
+
+    def contained_stack():
+        return ContainErrors(build_stack())
+
+    app.build_middleware_stack = contained_stack
+
+
+_INTERNAL = error_response(500, "internal", "internal server error").body
+
+
+class ContainErrors:
+    """The outermost ASGI layer: no exception escapes to the server once a response is complete.
+
+    Starlette's ServerErrorMiddleware sends the 500 above and then re-raises "so servers can log
+    it"; uvicorn answers that by closing the connection, and a client's pooled keep-alive
+    connection then fails on reuse (a 502 at the gateway for a request that was never sent). Here
+    the 500 is sent if nothing was, the error is swallowed once it was logged and answered, and
+    only a response cut off midway (which must not look complete) still closes the connection.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "complete": False}
+
+        async def tracking_send(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["complete"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if state["complete"]:
+                return  # answered (and logged) by the handler above
+            if state["started"]:
+                raise
+            log.exception("unhandled error outside the handlers on %s %s", scope.get("method"), scope.get("path"))
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(_INTERNAL)).encode())]})
+            await send({"type": "http.response.body", "body": _INTERNAL})
+
 
 def dependency_unavailable_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean Postgres or Redis cannot be reached now (down, restarting, timed out)."""

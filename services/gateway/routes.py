@@ -60,8 +60,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/admin/users/{user_id}/data", ("GET", "DELETE"), "auth", "admin", forward_credentials=True,
           summary="Export or erase a user's data (admin)"),
     Route("/admin/audit", READ, "auth", "admin", forward_credentials=True, summary="Audit log (admin)"),
-    Route("/admin/features/pii/rotate", ("POST",), "features", "admin",
-          summary="Re-encrypt PII feature values with the current key (admin)"),
+    # the feature store's registry, apply, materialise, stats and PII key rotation (docs/features.md)
+    Route("/admin/features/{rest:path}", ALL, "features", "admin", summary="Feature registry and materialisation (admin)"),
     Route("/admin/users", ALL, "auth", "admin", forward_credentials=True, summary="Users (admin)"),
     Route("/admin/users/{rest:path}", ALL, "auth", "admin", forward_credentials=True, summary="Users (admin)"),
     Route("/admin/api-keys", ALL, "auth", "admin", forward_credentials=True, summary="API keys (admin)"),
