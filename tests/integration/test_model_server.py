@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import struct
 import threading
@@ -253,3 +254,98 @@ async def test_full_queue_answers_503_with_retry_after(small_queue):
         assert (await first).status_code == 200 and (await queued).status_code == 200
     finally:
         batcher._predict = gate.predict
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def repo_server(models_dir, tmp_path):
+    """fraud v1 and v2 in a private repository, with an internal token for the repository API."""
+    shutil.copytree(models_dir / "fraud", tmp_path / "fraud")
+    app = create_app(settings(tmp_path, internal_token="t0ken"))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            c.root = tmp_path
+            yield c
+
+
+TOKEN = {"X-Internal-Token": "t0ken"}
+
+
+async def test_repository_index_follows_triton(repo_server):
+    rows = (await repo_server.post("/v2/repository/index", json={"ready": True})).json()
+    assert [(r["name"], r["version"], r["state"]) for r in rows] == [("fraud", "1", "READY"), ("fraud", "2", "READY")]
+    assert (await repo_server.post("/v2/repository/index", content=b"")).status_code == 200
+    bad = await repo_server.post("/v2/repository/index", json={"ready": "yes"})
+    assert bad.status_code == 400 and "ready" in bad.json()["error"]
+
+
+async def test_load_and_unload_need_the_internal_token(repo_server):
+    for path in ("/v2/repository/models/fraud/load", "/v2/repository/models/fraud/unload"):
+        assert (await repo_server.post(path, json={})).status_code == 403
+        assert (await repo_server.post(path, json={}, headers={"X-Internal-Token": "wrong"})).status_code == 403
+    assert (await repo_server.post("/v2/models/fraud/infer", json=fraud_body())).status_code == 200
+
+
+async def test_unload_then_load_serves_the_model_again(repo_server):
+    r = await repo_server.post("/v2/repository/models/fraud/unload", headers=TOKEN)
+    assert r.status_code == 200 and r.json()["unloaded"] == ["1", "2"]
+    assert (await repo_server.post("/v2/models/fraud/infer", json=fraud_body())).status_code == 404
+    states = {r["version"]: r for r in (await repo_server.post("/v2/repository/index", json={})).json()}
+    assert states["2"]["state"] == "UNAVAILABLE" and states["2"]["reason"] == "unloaded"
+    r = await repo_server.post("/v2/repository/models/fraud/load", headers=TOKEN)
+    assert r.status_code == 200 and [v["state"] for v in r.json()["versions"]] == ["READY", "READY"]
+    assert (await repo_server.post("/v2/models/fraud/infer", json=fraud_body())).status_code == 200
+    assert (await repo_server.post("/v2/repository/models/nope/load", headers=TOKEN)).status_code == 404
+
+
+def _upload(root, source="2", **config) -> dict:
+    """The load body that uploads fraud's version `source` files again (the server numbers it)."""
+    import base64
+
+    manifest = json.loads((root / "fraud" / source / "manifest.json").read_text())
+    manifest.pop("version")
+    manifest.update(config)
+    files = {f"file:{name}": base64.b64encode((root / "fraud" / source / name).read_bytes()).decode()
+             for name in manifest["artifacts"]}
+    return {"parameters": {"config": json.dumps(manifest), **files}}
+
+
+async def test_load_with_files_adds_a_numbered_hashed_version_and_serves_it(repo_server):
+    r = await repo_server.post("/v2/repository/models/fraud/load", headers=TOKEN, json=_upload(repo_server.root))
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == "3" and r.json()["versions"][-1] == {
+        "name": "fraud", "version": "3", "state": "READY", "reason": ""}
+    meta = (await repo_server.get("/v2/models/fraud")).json()
+    assert meta["versions"] == ["1", "2", "3"] and meta["parameters"]["version"] == "3"
+    r = await repo_server.post("/v2/models/fraud/versions/3/infer", json=fraud_body())
+    assert r.status_code == 200 and r.json()["model_version"] == "3"
+    assert not [p for p in (repo_server.root / "fraud").iterdir() if p.name.startswith(".")]  # no temp dir left
+    again = await repo_server.post("/v2/repository/models/fraud/load", headers=TOKEN,
+                                   json=_upload(repo_server.root, version="3"))  # a named, existing version
+    assert again.status_code == 409 and "already has" in again.json()["error"]
+
+
+@pytest.mark.parametrize(("mutate", "fragment"), [
+    (lambda b: b["parameters"].pop("file:baseline.json"), "exactly the config's artifacts"),
+    (lambda b: b["parameters"].update({"file:model.joblib": "%%%"}), "not base64"),
+    (lambda b: b["parameters"].update({"config": "[1]"}), "manifest as a JSON string"),
+    (lambda b: b["parameters"].update({"weights": "x"}), "unknown load parameter"),
+    (lambda b: b["parameters"].pop("config"), "need parameters.config"),
+    (lambda b: b["parameters"].update({"config": '{"artifacts": {}}'}), "not a valid manifest"),
+])
+async def test_bad_uploads_are_400_and_leave_nothing(repo_server, mutate, fragment):
+    body = _upload(repo_server.root)
+    mutate(body)
+    r = await repo_server.post("/v2/repository/models/fraud/load", headers=TOKEN, json=body)
+    assert r.status_code == 400 and fragment in r.json()["error"]
+    assert sorted(p.name for p in (repo_server.root / "fraud").iterdir()) == ["1", "2"]
+
+
+async def test_a_tampered_upload_is_refused_by_name_of_artifact(repo_server):
+    body = _upload(repo_server.root)
+    body["parameters"]["file:../escape"] = body["parameters"].pop("file:model.joblib")
+    config = json.loads(body["parameters"]["config"])
+    config["artifacts"] = {"../escape": "", "baseline.json": ""}
+    body["parameters"]["config"] = json.dumps(config)
+    r = await repo_server.post("/v2/repository/models/fraud/load", headers=TOKEN, json=body)
+    assert r.status_code == 400 and "plain file name" in r.json()["error"]
+    assert not (repo_server.root / "escape").exists() and not (repo_server.root / "fraud" / "escape").exists()
