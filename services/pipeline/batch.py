@@ -1,5 +1,6 @@
-"""Batch inference, framework-free: split an input into chunks, score each chunk on the model server
-in large batches, write each chunk's output part atomically, assemble the parts into one result.
+"""Batch inference files, framework-free: check an input's header, split it into typed chunks,
+score each chunk through the model server's client, write each chunk's output part atomically,
+assemble the parts into one result.
 
 Layout under <data_dir>/jobs/<id>/:
   input.csv|input.parquet   the upload (a server-side input stays where it is)
@@ -8,35 +9,37 @@ Layout under <data_dir>/jobs/<id>/:
   parts/part-00000.parquet  chunk outputs: `_row`, the input columns, the model's outputs
 Every file is written to a temporary name and renamed, so a reader (or a task re-run after a
 SIGKILL) sees a whole file or none: a chunk whose part exists is done and is never scored again.
+An input without rows still gets one (empty) chunk, so its result carries the header.
+
+Errors found in an input are AppErrors in the project's words (row, column, what was expected);
+a library's message never reaches the user.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
+import re
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
 import numpy as np
-import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.chassis.errors import AppError
-from services.model.client import MissingInputs
+from services.model.client import ModelClient, decode_columns, encode_columns
 
-from .db import execute, fetch_all, fetch_one
-
-FINAL = ("succeeded", "failed", "cancelled")
 FORMATS = ("csv", "parquet")
 ROW = "_row"
+CSV_BLOCK = 16 << 20  # the longest line a CSV input may have
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -83,6 +86,12 @@ def resolve_server_path(data_dir: str | Path, path: str) -> Path:
     return resolved
 
 
+def job_of_path(data_dir: str | Path, path: Path) -> str | None:
+    """The job whose directory holds `path` (an upload, a chunk, a result), if any."""
+    rel = path.relative_to(Path(data_dir).resolve())
+    return rel.parts[1] if len(rel.parts) >= 2 and rel.parts[0] == "jobs" else None
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -97,12 +106,240 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def _input_batches(path: Path, fmt: str) -> Iterator[pa.RecordBatch]:
-    if fmt == "parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=65_536)
+# -- limits and bounded reading --------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputLimits:
+    """Per-job bounds (a principal's quota): rows, and bytes after decompression."""
+    max_rows: int
+    max_bytes: int
+
+
+def too_large(limit: str, value: int, maximum: int) -> AppError:
+    what = {"rows": "rows", "bytes": "bytes after decompression"}[limit]
+    return AppError(413, f"quota_{limit}", f"the input has more than {maximum} {what} (the per-job limit "
+                    f"'{limit}'); split it into several jobs", {"limit": limit, "max": maximum, "seen": value})
+
+
+class _Bounded(io.RawIOBase):
+    """A read-only stream that refuses to yield more than `limit` bytes: a gzip bomb stops here,
+    while it is being decompressed, not after."""
+
+    def __init__(self, inner, limit: int):
+        self.inner, self.limit, self.seen = inner, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        data = self.inner.read(len(buf))
+        self.seen += len(data)
+        if self.seen > self.limit:
+            raise too_large("bytes", self.seen, self.limit)
+        buf[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+def _open_csv_bytes(path: Path, limits: InputLimits):
+    raw = path.open("rb")
+    gz = raw.read(2) == GZIP_MAGIC
+    raw.seek(0)
+    return _Bounded(gzip.GzipFile(fileobj=raw) if gz else raw, limits.max_bytes)
+
+
+# -- the header check (before a job is accepted) -----------------------------------------------------
+def _pa_type(datatype: str) -> pa.DataType:
+    if datatype.startswith("FP"):
+        return pa.float64()
+    if datatype.startswith(("INT", "UINT")):
+        return pa.int64()
+    if datatype == "BOOL":
+        return pa.bool_()
+    return pa.string()
+
+
+def _expected(datatype: str) -> str:
+    return {pa.float64(): "a number", pa.int64(): "an integer", pa.bool_(): "true or false"}.get(
+        _pa_type(datatype), "text")
+
+
+@dataclass
+class Header:
+    columns: list[str]
+    types: dict[str, pa.DataType] | None = None  # Parquet only: CSV types are known after reading
+    rows: int | None = None                      # Parquet only
+    data_bytes: int | None = None                # Parquet only: uncompressed size of the data
+
+
+def read_header(path: Path, fmt: str, limits: InputLimits) -> Header:
+    """The column names (and for Parquet the types, rows and uncompressed size) at the cost of one
+    line or one footer; a malformed input is a 422 here, not a failed job later."""
+    try:
+        if fmt == "parquet":
+            meta = pq.ParquetFile(path).metadata
+            schema = meta.schema.to_arrow_schema()
+            data_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+            return Header(list(schema.names), dict(zip(schema.names, schema.types)), meta.num_rows, data_bytes)
+        with _open_csv_bytes(path, limits) as stream:
+            line = io.BufferedReader(stream, 1 << 20).readline(CSV_BLOCK + 1)
+        if len(line) > CSV_BLOCK:
+            raise pa.ArrowInvalid("straddling line")
+        if not line.strip():
+            raise AppError(422, "empty_input", "the input is empty: a CSV needs at least a header line")
+        return Header(list(pacsv.read_csv(io.BytesIO(line)).schema.names))
+    except AppError:
+        raise
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        raise unreadable(fmt, exc) from None
+
+
+def unreadable(fmt: str, exc: Exception) -> AppError:
+    text = str(exc)
+    if "straddl" in text:
+        return AppError(422, "line_too_long", f"a line of the input is longer than {CSV_BLOCK >> 20} MiB; "
+                        "check the quoting or split long values", {"max_line_bytes": CSV_BLOCK})
+    if "Empty CSV file" in text or "empty" in text.lower() and fmt == "csv":
+        return AppError(422, "empty_input", "the input is empty: a CSV needs at least a header line")
+    return AppError(422, "unreadable_input", f"the input is not a readable {fmt.upper()} file",
+                    {"format": fmt})
+
+
+def check_columns(header: Header, metadata: Mapping | None, limits: InputLimits) -> None:
+    """Reserved or duplicated column names, the model's inputs present with usable types, and the
+    Parquet footer within the per-job limits; each refusal names the column or the limit."""
+    seen: set[str] = set()
+    for name in header.columns:
+        if name == ROW:
+            raise AppError(422, "reserved_column", f"column '{ROW}' is reserved for the row number; rename it",
+                           {"column": name})
+        if name in seen:
+            raise AppError(422, "duplicate_column", f"column '{name}' appears more than once in the header",
+                           {"column": name})
+        seen.add(name)
+    if header.rows is not None and header.rows > limits.max_rows:
+        raise too_large("rows", header.rows, limits.max_rows)
+    if header.data_bytes is not None and header.data_bytes > limits.max_bytes:
+        raise too_large("bytes", header.data_bytes, limits.max_bytes)
+    if metadata is None:
         return
-    reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=8 << 20))
-    yield from reader
+    missing = [s["name"] for s in metadata["inputs"] if s["name"] not in seen]
+    if missing:
+        raise AppError(422, "missing_columns", f"the input lacks the model's input column(s): {', '.join(missing)}",
+                       {"missing": missing, "model": metadata.get("name")})
+    for spec in metadata["inputs"]:
+        have = (header.types or {}).get(spec["name"])
+        want = _pa_type(spec["datatype"])
+        if have is not None and not pa.types.is_null(have) and not _castable(have, want):
+            raise AppError(422, "invalid_column_type", f"column '{spec['name']}' is {have}, the model expects "
+                           f"{_expected(spec['datatype'])}", {"column": spec["name"], "type": str(have),
+                                                              "expected": spec["datatype"]})
+
+
+def _castable(have: pa.DataType, want: pa.DataType) -> bool:
+    numeric = pa.types.is_integer(have) or pa.types.is_floating(have) or pa.types.is_decimal(have)
+    if pa.types.is_floating(want) or pa.types.is_integer(want):
+        return numeric or pa.types.is_boolean(have)
+    if pa.types.is_boolean(want):
+        return pa.types.is_boolean(have) or pa.types.is_integer(have)
+    return True
+
+
+# -- splitting -----------------------------------------------------------------------------------
+def _input_types(metadata: Mapping) -> dict[str, pa.DataType]:
+    return {s["name"]: _pa_type(s["datatype"]) for s in metadata["inputs"]}
+
+
+def _csv_batches(path: Path, limits: InputLimits, types: Mapping[str, pa.DataType]) -> Iterator[pa.RecordBatch]:
+    bad: list = []
+
+    def invalid_row(row) -> str:
+        bad.append(row)
+        return "error"
+
+    with _open_csv_bytes(path, limits) as stream:
+        try:
+            yield from pacsv.open_csv(io.BufferedReader(stream, CSV_BLOCK),
+                                      read_options=pacsv.ReadOptions(block_size=CSV_BLOCK),
+                                      parse_options=pacsv.ParseOptions(invalid_row_handler=invalid_row),
+                                      convert_options=pacsv.ConvertOptions(column_types=dict(types)))
+        except pa.ArrowInvalid as exc:
+            if bad:
+                row = bad[0]
+                line = row.number if row.number and row.number > 0 else None
+                raise AppError(422, "malformed_row", f"line {line or '?'} has {row.actual_columns} fields, the "
+                               f"header has {row.expected_columns}", {"line": line}) from None
+            raise _conversion_error(path, limits, types, exc) from None
+
+
+_CSV_CONVERSION = re.compile(r"In CSV column #(\d+): .*CSV conversion error to (\w+): invalid value '(.*)'",
+                             re.DOTALL)
+
+
+def _conversion_error(path: Path, limits: InputLimits, types: Mapping[str, pa.DataType], exc: Exception) -> AppError:
+    """Turn Arrow's conversion error into row, column and expectation: re-read that one column as
+    text and find the first value that does not convert (only on this failure path)."""
+    m = _CSV_CONVERSION.search(str(exc))
+    if not m:
+        return unreadable("csv", exc)
+    with _open_csv_bytes(path, limits) as stream:
+        names = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK)).schema.names
+    column = names[int(m.group(1))]
+    want = types.get(column, pa.string())
+    row = 0
+    with _open_csv_bytes(path, limits) as stream:
+        reader = pacsv.open_csv(io.BufferedReader(stream, CSV_BLOCK),
+                                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK),
+                                convert_options=pacsv.ConvertOptions(include_columns=[column],
+                                                                     column_types={column: pa.string()}))
+        for batch in reader:
+            values = batch.column(0)
+            try:
+                pc.cast(values, want)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                for i, v in enumerate(values.to_pylist()):
+                    try:
+                        pc.cast(pa.array([v]), want)
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                        return _bad_value(column, row + i, v, want)
+            row += batch.num_rows
+    return _bad_value(column, None, m.group(3), want)
+
+
+def _bad_value(column: str, row: int | None, value, want: pa.DataType) -> AppError:
+    shown = str(value)[:40]
+    where = f"row {row}" if row is not None else "a row"
+    expected = {pa.float64(): "a number", pa.int64(): "an integer", pa.bool_(): "true or false"}.get(want, "text")
+    return AppError(422, "invalid_value", f"{where}, column '{column}': expected {expected}, got {shown!r}",
+                    {"row": row, "column": column, "value": shown, "expected": str(want)})
+
+
+def _parquet_batches(path: Path, limits: InputLimits, types: Mapping[str, pa.DataType]) -> Iterator[pa.RecordBatch]:
+    seen = 0
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536):
+        seen += batch.nbytes
+        if seen > limits.max_bytes:
+            raise too_large("bytes", seen, limits.max_bytes)
+        columns = []
+        for name, col in zip(batch.schema.names, batch.columns):
+            want = types.get(name)
+            if want is not None and col.type != want:
+                try:
+                    col = pc.cast(col, want)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    values = col.to_pylist()
+                    for i, v in enumerate(values):
+                        try:
+                            pc.cast(pa.array([v]), want)
+                        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                            raise _bad_value(name, row + i, v, want) from None
+                    raise
+            columns.append(col)
+        row += batch.num_rows
+        yield pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def _rechunk(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
@@ -121,128 +358,87 @@ def _rechunk(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]
         yield pa.Table.from_batches(buf)
 
 
-def split_input(files: JobFiles, input_path: Path, fmt: str, chunk_rows: int) -> tuple[int, int]:
-    """Write chunk inputs; idempotent: once chunks.json exists the split is done and is reused."""
+def _check_nulls(table: pa.Table, types: Mapping[str, pa.DataType], first_row: int) -> None:
+    for name in types:
+        if name in table.column_names and table.column(name).null_count:
+            nulls = np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))
+            rows = [int(first_row + i) for i in nulls[:20]]
+            raise AppError(422, "missing_values", f"row {rows[0]}, column '{name}': a value is required "
+                           f"({len(nulls)} empty in this part of the input)",
+                           {"column": name, "rows": rows})
+
+
+def split_input(files: JobFiles, input_path: Path, fmt: str, chunk_rows: int, metadata: Mapping,
+                limits: InputLimits) -> tuple[int, int]:
+    """Write typed chunk inputs; idempotent: once chunks.json exists the split is done and reused."""
     if files.marker.is_file():
         done = json.loads(files.marker.read_text())
         return done["total_chunks"], done["total_rows"]
+    header = read_header(input_path, fmt, limits)
+    check_columns(header, metadata, limits)
+    types = _input_types(metadata)
+    batches = (_parquet_batches if fmt == "parquet" else _csv_batches)(input_path, limits, types)
     total_chunks = total_rows = 0
-    for idx, table in enumerate(_rechunk(_input_batches(input_path, fmt), chunk_rows)):
-        rows = pa.array(np.arange(total_rows, total_rows + table.num_rows, dtype=np.int64))
-        write_parquet_atomic(table.add_column(0, ROW, rows), files.chunk(idx))
-        total_chunks, total_rows = idx + 1, total_rows + table.num_rows
+    schema = None
+    try:
+        for idx, table in enumerate(_rechunk(batches, chunk_rows)):
+            _check_nulls(table, types, total_rows)
+            if total_rows + table.num_rows > limits.max_rows:
+                raise too_large("rows", total_rows + table.num_rows, limits.max_rows)
+            rows = pa.array(np.arange(total_rows, total_rows + table.num_rows, dtype=np.int64))
+            write_parquet_atomic(table.add_column(0, ROW, rows), files.chunk(idx))
+            total_chunks, total_rows, schema = idx + 1, total_rows + table.num_rows, table.schema
+    except AppError:
+        raise
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        raise unreadable(fmt, exc) from None
+    if total_chunks == 0:  # a header without rows: one empty chunk, so the result has the header
+        schema = schema or pa.schema([(n, types.get(n, pa.string())) for n in header.columns])
+        write_parquet_atomic(schema.empty_table().add_column(0, ROW, pa.array([], pa.int64())), files.chunk(0))
+        total_chunks = 1
     _atomic_write(files.marker, lambda tmp: tmp.write_text(
         json.dumps({"total_chunks": total_chunks, "total_rows": total_rows})))
     return total_chunks, total_rows
 
 
-# -- scoring on the model server -----------------------------------------------------------------
-def encode_columns(metadata: dict, table: pa.Table) -> dict:
-    """The v2 request for a whole table, column by column (services.model.client.encode_rows does
-    the same row by row; columnar is what makes a million rows cheap)."""
-    missing, bad_rows = [], []
-    inputs = []
-    for spec in metadata["inputs"]:
-        name, datatype = spec["name"], spec["datatype"]
-        if name not in table.column_names:
-            missing.append(name)
-            continue
-        col = table.column(name)
-        if col.null_count:
-            missing.append(name)
-            nulls = np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))
-            bad_rows.extend(int(i) for i in nulls[:20])
-            continue
-        try:
-            if datatype.startswith("FP"):
-                data = col.cast(pa.float64()).to_numpy()
-            elif datatype.startswith(("INT", "UINT")):
-                data = col.cast(pa.int64()).to_numpy()
-            elif datatype == "BOOL":
-                data = col.cast(pa.bool_()).to_numpy(zero_copy_only=False)
-            else:
-                data = col.cast(pa.string()).to_pylist()
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise AppError(422, "invalid_feature", f"feature '{name}' must be {datatype}: {exc}",
-                           {"feature": name}) from None
-        inputs.append({"name": name, "datatype": datatype, "shape": [table.num_rows, *spec["shape"][1:]],
-                       "data": data})
-    if missing:
-        raise MissingInputs(sorted(missing), sorted(set(bad_rows)))
-    return {"inputs": inputs}
-
-
-def decode_columns(response: dict) -> dict[str, np.ndarray]:
-    """Output tensors as columns; a [n, k] output becomes columns name_0 .. name_{k-1}."""
-    cols: dict[str, np.ndarray] = {}
-    for out in response["outputs"]:
-        arr = np.asarray(out["data"]).reshape(out["shape"])
-        if arr.ndim == 1:
-            cols[out["name"]] = arr
-        else:
-            flat = arr.reshape(arr.shape[0], -1)
-            for j in range(flat.shape[1]):
-                cols[f"{out['name']}_{j}"] = flat[:, j]
+# -- scoring through the model server's client -----------------------------------------------------------
+def _empty_outputs(metadata: Mapping) -> dict[str, pa.Array]:
+    """The output columns of a model for zero rows (named as decode_columns names them)."""
+    cols: dict[str, pa.Array] = {}
+    for out in metadata.get("outputs", []):
+        width = 1
+        for d in out.get("shape", [-1])[1:]:
+            width *= max(int(d), 1)
+        typ = _pa_type(out.get("datatype", "FP64"))
+        names = [out["name"]] if len(out.get("shape", [-1])) == 1 else [f"{out['name']}_{j}" for j in range(width)]
+        for name in names:
+            cols[name] = pa.array([], typ)
     return cols
 
 
-class ModelUnavailable(Exception):
-    """The model server failed (5xx / transport): worth a retry, unlike a 4xx."""
+def score_table(client: ModelClient, metadata: Mapping, table: pa.Table, batch_rows: int) -> dict[str, pa.Array]:
+    """Outputs for every row of `table`, in order, batch_rows rows per request."""
+    model, version = metadata["name"], metadata["parameters"]["version"]
+    pieces: dict[str, list[np.ndarray]] = {}
+    for lo in range(0, table.num_rows, batch_rows):
+        part = table.slice(lo, batch_rows)
+        columns = {s["name"]: part.column(s["name"]).to_numpy() for s in metadata["inputs"]}
+        response = client.infer(model, version, encode_columns(metadata, columns, part.num_rows))
+        for name, values in decode_columns(response).items():
+            pieces.setdefault(name, []).append(np.asarray(values))
+    if not pieces:
+        return _empty_outputs(metadata)
+    return {name: pa.array(np.concatenate(arrays)) for name, arrays in pieces.items()}
 
 
-class Scorer:
-    """Synchronous client of the model server's v2 protocol (a Celery task is synchronous)."""
-
-    def __init__(self, model_url: str, timeout: float = 60.0):
-        self.http = httpx.Client(base_url=model_url, timeout=httpx.Timeout(timeout, connect=5.0))
-
-    def close(self) -> None:
-        self.http.close()
-
-    def _call(self, method: str, path: str, **kw) -> dict:
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.TransportError as exc:
-            raise ModelUnavailable(f"model server unreachable: {type(exc).__name__}") from exc
-        if r.status_code >= 500:
-            raise ModelUnavailable(f"model server answered {r.status_code}: {r.text[:200]}")
-        if r.status_code >= 400:
-            try:
-                message = r.json().get("error")
-            except ValueError:
-                message = r.text
-            code = "model_not_found" if r.status_code == 404 else "model_rejected_input"
-            raise AppError(r.status_code if r.status_code in (404, 422) else 422, code, str(message)[:500])
-        return r.json()
-
-    def metadata(self, model: str, version: str | None = None) -> dict:
-        return self._call("GET", f"/v2/models/{model}" + (f"/versions/{version}" if version else ""))
-
-    def score(self, metadata: dict, table: pa.Table, batch_rows: int) -> pa.Table:
-        """Outputs for every row of `table`, in order, batch_rows rows per request."""
-        model, version = metadata["name"], metadata["parameters"]["version"]
-        pieces: list[dict[str, np.ndarray]] = []
-        for lo in range(0, table.num_rows, batch_rows):
-            body = orjson.dumps(encode_columns(metadata, table.slice(lo, batch_rows)),
-                                option=orjson.OPT_SERIALIZE_NUMPY)
-            response = self._call("POST", f"/v2/models/{model}/versions/{version}/infer", content=body,
-                                  headers={"content-type": "application/json"})
-            pieces.append(decode_columns(response))
-        if not pieces:
-            return pa.table({})
-        return pa.table({k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]})
-
-
-def score_chunk(files: JobFiles, idx: int, scorer: Scorer, metadata: dict, batch_rows: int) -> int:
+def score_chunk(files: JobFiles, idx: int, client: ModelClient, metadata: Mapping, batch_rows: int) -> int:
     """Score one chunk into its part; a part that exists already is kept as it is (idempotent)."""
     part = files.part(idx)
     if part.is_file():
         return pq.ParquetFile(part).metadata.num_rows
     table = pq.read_table(files.chunk(idx))
-    outputs = scorer.score(metadata, table.drop_columns([ROW]), batch_rows)
-    for name in outputs.column_names:
-        col_name = name if name not in table.column_names else f"prediction_{name}"
-        table = table.append_column(col_name, outputs.column(name))
+    for name, values in score_table(client, metadata, table, batch_rows).items():
+        table = table.append_column(name if name not in table.column_names else f"prediction_{name}", values)
     write_parquet_atomic(table, part)
     return table.num_rows
 
@@ -281,110 +477,14 @@ def result_parquet(files: JobFiles, total_chunks: int) -> Path:
     return target
 
 
-# -- job state in Postgres -----------------------------------------------------------------------
-JOB_COLUMNS = ("id, kind, status, model, version, resolved_version, input_format, chunk_rows, batch_rows, "
-               "total_chunks, total_rows, principal, error, created_at, started_at, finished_at, updated_at, "
-               "input_path")
-
-
-async def create_job(engine: AsyncEngine, *, job_id: str, model: str, version: str | None, input_path: Path,
-                     input_format: str, chunk_rows: int, batch_rows: int, principal: str | None) -> dict:
-    await execute(engine, """
-        INSERT INTO pipeline.jobs (id, status, model, version, input_path, input_format, chunk_rows,
-                                   batch_rows, principal)
-        VALUES (:id, 'queued', :model, :version, :path, :fmt, :chunk_rows, :batch_rows, :principal)
-        ON CONFLICT (id) DO NOTHING""", id=job_id, model=model, version=version, path=str(input_path),
-        fmt=input_format, chunk_rows=chunk_rows, batch_rows=batch_rows, principal=principal)
-    return await get_job(engine, job_id)
-
-
-async def get_job(engine: AsyncEngine, job_id: str) -> dict | None:
-    return await fetch_one(engine, f"""
-        SELECT {JOB_COLUMNS},
-               (SELECT count(*) FROM pipeline.job_chunks c WHERE c.job_id = j.id) AS done_chunks,
-               (SELECT coalesce(sum(rows), 0) FROM pipeline.job_chunks c WHERE c.job_id = j.id) AS done_rows
-        FROM pipeline.jobs j WHERE id = :id""", id=job_id)
-
-
-async def list_jobs(engine: AsyncEngine, limit: int = 50) -> list[dict]:
-    return await fetch_all(engine, f"""
-        SELECT {JOB_COLUMNS},
-               (SELECT count(*) FROM pipeline.job_chunks c WHERE c.job_id = j.id) AS done_chunks,
-               (SELECT coalesce(sum(rows), 0) FROM pipeline.job_chunks c WHERE c.job_id = j.id) AS done_rows
-        FROM pipeline.jobs j ORDER BY created_at DESC LIMIT :limit""", limit=limit)
-
-
-async def mark_running(engine: AsyncEngine, job_id: str, total_chunks: int, total_rows: int,
-                       resolved_version: str) -> bool:
-    return bool(await execute(engine, """
-        UPDATE pipeline.jobs SET status = 'running', total_chunks = :tc, total_rows = :tr,
-               resolved_version = :v, started_at = coalesce(started_at, now()), updated_at = now()
-        WHERE id = :id AND status IN ('queued', 'running')""",
-        id=job_id, tc=total_chunks, tr=total_rows, v=resolved_version))
-
-
-async def record_chunk(engine: AsyncEngine, job_id: str, idx: int, rows: int) -> bool:
-    """Count a chunk done (once, however often it runs); finish the job when it was the last."""
-    async with engine.begin() as conn:
-        await conn.execute(text("""
-            INSERT INTO pipeline.job_chunks (job_id, idx, rows) VALUES (:id, :idx, :rows)
-            ON CONFLICT DO NOTHING"""), {"id": job_id, "idx": idx, "rows": rows})
-        await conn.execute(text("UPDATE pipeline.jobs SET updated_at = now() WHERE id = :id"), {"id": job_id})
-    return await finish_if_complete(engine, job_id)
-
-
-async def finish_if_complete(engine: AsyncEngine, job_id: str) -> bool:
-    return bool(await execute(engine, """
-        UPDATE pipeline.jobs j SET status = 'succeeded', finished_at = now(), updated_at = now()
-        WHERE id = :id AND status = 'running'
-          AND (SELECT count(*) FROM pipeline.job_chunks c WHERE c.job_id = j.id) >= j.total_chunks""",
-        id=job_id))
-
-
-async def fail_job(engine: AsyncEngine, job_id: str, error: dict) -> bool:
-    return bool(await execute(engine, """
-        UPDATE pipeline.jobs SET status = 'failed', error = CAST(:error AS jsonb), finished_at = now(),
-               updated_at = now()
-        WHERE id = :id AND status IN ('queued', 'running')""", id=job_id, error=json.dumps(error)))
-
-
-async def cancel_job(engine: AsyncEngine, job_id: str) -> dict:
-    job = await get_job(engine, job_id)
-    if job is None:
-        raise AppError(404, "job_not_found", f"no job '{job_id}'")
-    if job["status"] in FINAL:
-        raise AppError(409, "job_finished", f"job is already {job['status']}", {"status": job["status"]})
-    await execute(engine, """
-        UPDATE pipeline.jobs SET status = 'cancelled', finished_at = now(), updated_at = now()
-        WHERE id = :id AND status IN ('queued', 'running')""", id=job_id)
-    return await get_job(engine, job_id)
-
-
-async def unfinished_work(engine: AsyncEngine) -> list[tuple[str, str, list[int]]]:
-    """(job id, status, chunk indexes not done) of every queued or running job: the recovery sweep."""
-    jobs = await fetch_all(engine, """
-        SELECT id, status, total_chunks,
-               coalesce((SELECT array_agg(idx) FROM pipeline.job_chunks c WHERE c.job_id = j.id), '{}') AS done
-        FROM pipeline.jobs j WHERE status IN ('queued', 'running')""")
-    out = []
-    for j in jobs:
-        done = set(j["done"] or [])
-        missing = [i for i in range(j["total_chunks"] or 0) if i not in done]
-        out.append((j["id"], j["status"], missing))
+def read_rows(files: JobFiles, total_chunks: int, which: str = "parts", limit: int = 10_000) -> list[dict]:
+    """Up to `limit` rows of a job's chunk inputs or output parts, for a data-subject export."""
+    out: list[dict] = []
+    for idx in range(total_chunks or 0):
+        path = files.part(idx) if which == "parts" else files.chunk(idx)
+        if not path.is_file():
+            continue
+        out.extend(pq.read_table(path).slice(0, limit - len(out)).to_pylist())
+        if len(out) >= limit:
+            break
     return out
-
-
-def job_view(job: dict) -> dict[str, Any]:
-    """The public shape of a job (no server paths)."""
-    total = job.get("total_chunks")
-    return {
-        "id": job["id"], "kind": job["kind"], "status": job["status"], "model": job["model"],
-        "version": job["resolved_version"] or job["version"], "requested_version": job["version"],
-        "input_format": job["input_format"],
-        "progress": {"done_chunks": int(job.get("done_chunks") or 0), "total_chunks": total,
-                     "done_rows": int(job.get("done_rows") or 0), "total_rows": job.get("total_rows"),
-                     "fraction": (int(job.get("done_chunks") or 0) / total) if total else
-                     (1.0 if job["status"] == "succeeded" else 0.0)},
-        "chunk_rows": job["chunk_rows"], "batch_rows": job["batch_rows"], "error": job.get("error"),
-        "created_at": job["created_at"], "started_at": job["started_at"], "finished_at": job["finished_at"],
-    }

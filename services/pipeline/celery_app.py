@@ -12,6 +12,7 @@ from .settings import PipelineSettings
 log = logging.getLogger("aistack.pipeline")
 KEY_PREFIX = "pipeline:"
 QUEUE = "celery"
+DEFAULT_PRIORITY = 6
 TASK_MODULES = ["services.pipeline.tasks", "services.pipeline.tasks_monitoring", "services.pipeline.tasks_training"]
 # The feature store's materialisation task, when its module is present.
 FEATURE_TASKS = "services.pipeline.tasks_features"
@@ -29,6 +30,8 @@ def beat_schedule(settings: PipelineSettings) -> dict:
         "persist-prediction-log": {"task": "pipeline.persist_logs", "schedule": settings.persist_every_s},
         "model-quality": {"task": "pipeline.compute_quality", "schedule": settings.quality_every_s},
         "feature-drift": {"task": "pipeline.compute_drift", "schedule": settings.drift_every_s},
+        # The lease reaper (docs/pipeline.md): re-queues chunks whose worker died.
+        "reap-expired-leases": {"task": "pipeline.reap", "schedule": settings.reap_every_s},
     }
     if _has_feature_tasks():
         schedule["materialize-features"] = {"task": "pipeline.materialize_features",
@@ -50,9 +53,19 @@ def create_celery(settings: PipelineSettings) -> Celery:
         worker_prefetch_multiplier=1,
         # A task unacked this long is redelivered; longer than any chunk takes. The recovery sweep
         # at worker start re-queues unfinished chunks sooner (tasks are idempotent).
+        # Socket timeouts: a frozen Redis makes a publish fail in seconds, not hang a request.
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
-                                  "global_keyprefix": KEY_PREFIX},
+                                  "global_keyprefix": KEY_PREFIX, "socket_timeout": 5,
+                                  "socket_connect_timeout": 5},
         result_backend_transport_options={"global_keyprefix": KEY_PREFIX},
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
+                                   "interval_max": 1},
+        # New work waits behind recovered work: the reaper re-queues at priority 0, which kombu's
+        # Redis transport serves first (its priority steps 0, 3, 6, 9).
+        task_default_priority=DEFAULT_PRIORITY,
+        # Pool children log through our JSON handler on the real stdout (Celery's redirect would
+        # swallow them: the handler would write into Celery's logging proxy).
+        worker_redirect_stdouts=False,
         result_expires=86400,
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_track_started=True,
@@ -95,8 +108,8 @@ def _init_beat(**_):
 
 @worker_ready.connect
 def _recovery_sweep(sender=None, **_):
-    """A restarted worker re-queues the unfinished chunks of running jobs at once, instead of
-    waiting for the broker's visibility timeout to hand back what a killed worker held."""
+    """A starting worker runs the reaper's sweep at once (chunks of a dead worker whose lease
+    expired), instead of waiting for the next beat or the broker's visibility timeout."""
     app = sender.app if sender is not None else None
     settings = getattr(app.conf, "aistack_settings", None) if app else None
     if settings is None or not settings.recovery_sweep or not settings.database_url:

@@ -14,8 +14,10 @@ T = TypeVar("T")
 
 
 def task_engine(url: str) -> AsyncEngine:
-    """An engine for one task run: no pool to survive the event loop that asyncio.run closes."""
-    return create_async_engine(asyncpg_url(url), poolclass=pool.NullPool, connect_args={"timeout": 5})
+    """An engine for one task run: no pool to survive the event loop that asyncio.run closes.
+    Timeouts on connect and on every statement: a paused Postgres is an error to retry, not a hang."""
+    return create_async_engine(asyncpg_url(url), poolclass=pool.NullPool,
+                               connect_args={"timeout": 5, "command_timeout": 30})
 
 
 def run_with_engine(url: str, fn: Callable[[AsyncEngine], Awaitable[T]]) -> T:

@@ -112,29 +112,92 @@ def test_validation_passes_clean_data_and_refuses_poison():
     assert "schema" in validation.validate({"amount": cols["amount"]}, y, features).failed()
 
 
+META = {"name": "m", "parameters": {"version": "1"},
+        "inputs": [{"name": "a", "datatype": "FP32", "shape": [-1]}, {"name": "b", "datatype": "INT64", "shape": [-1]}],
+        "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]},
+                    {"name": "probability", "datatype": "FP32", "shape": [-1, 2]}]}
+LIMITS = batch.InputLimits(max_rows=1_000_000, max_bytes=1 << 30)
+
+
 def test_split_is_idempotent_and_keeps_every_row_once(tmp_path):
     src = tmp_path / "in.csv"
     src.write_text("a,b\n" + "".join(f"{i},{i * 2}\n" for i in range(1050)))
     files = batch.JobFiles(tmp_path, "j1")
-    assert batch.split_input(files, src, "csv", 100) == (11, 1050)
+    assert batch.split_input(files, src, "csv", 100, META, LIMITS) == (11, 1050)
     first = [pq.read_table(files.chunk(i)) for i in range(11)]
-    assert batch.split_input(files, src, "csv", 100) == (11, 1050)  # marker: not split again
+    assert batch.split_input(files, src, "csv", 100, META, LIMITS) == (11, 1050)  # marker: not split again
     rows = pa.concat_tables(first).column("_row").to_pylist()
     assert rows == list(range(1050))
     assert pa.concat_tables(first).column("b").to_pylist() == [i * 2 for i in range(1050)]
+    assert first[0].schema.field("a").type == pa.float64()  # typed as the model expects
 
 
-def test_columns_encode_and_decode():
-    meta = {"inputs": [{"name": "a", "datatype": "FP32", "shape": [-1]}, {"name": "n", "datatype": "INT64",
-                                                                          "shape": [-1]}]}
-    body = batch.encode_columns(meta, pa.table({"a": [1.5, 2.0], "n": [1, 2], "extra": ["x", "y"]}))
-    assert [i["shape"] for i in body["inputs"]] == [[2], [2]]
+def _refusal(fn) -> AppError:
     with pytest.raises(AppError) as e:
-        batch.encode_columns(meta, pa.table({"a": [1.0, None]}))
-    assert e.value.status == 422 and e.value.details["missing"] == ["a", "n"] and e.value.details["rows"] == [1]
-    cols = batch.decode_columns({"outputs": [{"name": "label", "shape": [2], "data": [0, 1]},
-                                             {"name": "probability", "shape": [2, 2], "data": [.9, .1, .3, .7]}]})
-    assert cols["label"].tolist() == [0, 1] and cols["probability_1"].tolist() == [.1, .7]
+        fn()
+    return e.value
+
+
+@pytest.mark.parametrize(("header", "code", "column"), [
+    ("a,b,_row", "reserved_column", "_row"), ("a,b,a", "duplicate_column", "a"), ("a,c", "missing_columns", None)])
+def test_header_check_names_the_column(tmp_path, header, code, column):
+    src = tmp_path / "in.csv"
+    src.write_text(header + "\n" + ",".join("1" * header.count(",")) + "1\n")
+    head = batch.read_header(src, "csv", LIMITS)
+    err = _refusal(lambda: batch.check_columns(head, META, LIMITS))
+    assert err.status == 422 and err.code == code
+    assert (err.details.get("column") == column) if column else err.details["missing"] == ["b"]
+    assert "Arrow" not in err.message and "Multiple matches" not in err.message
+
+
+def test_parquet_schema_types_and_limits_are_checked_from_the_footer(tmp_path):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"a": ["x", "y"], "b": [1, 2]}), src)
+    err = _refusal(lambda: batch.check_columns(batch.read_header(src, "parquet", LIMITS), META, LIMITS))
+    assert err.code == "invalid_column_type" and err.details["column"] == "a"
+    pq.write_table(pa.table({"a": [1.0] * 50, "b": [1] * 50}), src)
+    err = _refusal(lambda: batch.check_columns(batch.read_header(src, "parquet", LIMITS), META,
+                                               batch.InputLimits(max_rows=10, max_bytes=1 << 30)))
+    assert err.status == 413 and err.code == "quota_rows" and err.details["limit"] == "rows"
+
+
+def test_bad_values_fail_in_the_projects_words(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("a,b\n" + "".join(f"{i},{i}\n" for i in range(500)) + "1.5,seven\n")
+    err = _refusal(lambda: batch.split_input(batch.JobFiles(tmp_path, "j"), src, "csv", 100, META, LIMITS))
+    assert err.code == "invalid_value" and err.details == {"row": 500, "column": "b", "value": "seven",
+                                                            "expected": "int64"}
+    assert "row 500, column 'b'" in err.message and "CSV" not in err.message
+    src.write_text("a,b\n1,2\n,3\n")
+    err = _refusal(lambda: batch.split_input(batch.JobFiles(tmp_path, "k"), src, "csv", 100, META, LIMITS))
+    assert err.code == "missing_values" and err.details == {"column": "a", "rows": [1]}
+    src.write_text("a,b,note\n0,0,y\n1,2," + "x" * (batch.CSV_BLOCK * 3) + "\n3,4,y\n" * 3)
+    err = _refusal(lambda: batch.split_input(batch.JobFiles(tmp_path, "l"), src, "csv", 100, META, LIMITS))
+    assert err.code == "line_too_long" and "straddl" not in err.message
+
+
+def test_gzip_input_is_bounded_while_it_is_decompressed(tmp_path):
+    import gzip
+
+    src = tmp_path / "bomb.csv"
+    with gzip.open(src, "wb") as out:
+        out.write(b"a,b\n" + b"1,2\n" * 2_000_000)  # 8 MB that compress to a few KB
+    assert src.stat().st_size < 100_000
+    small = batch.InputLimits(max_rows=10_000_000, max_bytes=1_000_000)
+    err = _refusal(lambda: batch.split_input(batch.JobFiles(tmp_path, "g"), src, "csv", 100_000, META, small))
+    assert err.status == 413 and err.code == "quota_bytes" and err.details["max"] == 1_000_000
+    roomy = batch.InputLimits(max_rows=10_000_000, max_bytes=1 << 30)
+    assert batch.split_input(batch.JobFiles(tmp_path, "h"), src, "csv", 1_000_000, META, roomy) == (2, 2_000_000)
+
+
+def test_a_header_only_input_gives_a_result_with_its_header(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("id,a,b\n")
+    files = batch.JobFiles(tmp_path, "e")
+    assert batch.split_input(files, src, "csv", 100, META, LIMITS) == (1, 0)
+    assert batch.score_chunk(files, 0, client=None, metadata=META, batch_rows=10) == 0
+    csv = b"".join(batch.iter_result_csv(files, 1)).decode()
+    assert csv.splitlines() == ['"_row","id","a","b","label","probability_0","probability_1"']
 
 
 def test_server_side_paths_stay_inside_the_data_dir(tmp_path):
