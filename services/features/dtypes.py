@@ -16,10 +16,11 @@ MAX_STRING_CHARS = 65_536
 MAX_KEY_CHARS = 512
 MAX_TTL_SECONDS = 50 * 365 * 86400  # 50 years; the registry column is a 32-bit integer
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-TIME_MIN = datetime(1, 1, 1, tzinfo=UTC)
+# Python's datetime range less its very first instant, which asyncpg stores as Postgres' -infinity.
+TIME_MIN = datetime(1, 1, 1, 0, 0, 0, 1000, tzinfo=UTC)
 TIME_MAX = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-TIME_RANGE = "0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999Z"
+TIME_RANGE = "0001-01-01T00:00:00.001Z .. 9999-12-31T23:59:59.999Z"
 
 _TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "string"}
 
@@ -108,8 +109,12 @@ def parse_time(value: Any) -> datetime:
                 f"expected an ISO 8601 time or epoch seconds, got {type_name(value)}")
         dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
     except (OverflowError, OSError):
-        raise ValueError(f"time out of range: event times lie in {TIME_RANGE}") from None
-    return dt.replace(microsecond=dt.microsecond // 1000 * 1000)
+        dt = None
+    if dt is not None:
+        dt = dt.replace(microsecond=dt.microsecond // 1000 * 1000)
+    if dt is None or not TIME_MIN <= dt <= TIME_MAX:
+        raise ValueError(f"time out of range: times lie in {TIME_RANGE}")
+    return dt
 
 
 def to_ms(dt: datetime) -> int:
