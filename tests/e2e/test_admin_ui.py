@@ -1,6 +1,8 @@
 """The admin page in headless Chromium (Debian's chromium driven by Playwright) against the running
 stack: sign in, change a traffic split and see predictions follow it, watch a batch job reach 100%,
-revoke an API key. Each main screen is saved to docs/screenshots/."""
+revoke an API key. Each main screen is saved as a PNG: to a temporary directory, so that a test run
+writes nothing into the checkout; `AISTACK_UPDATE_SCREENSHOTS=1 pytest tests/e2e/test_admin_ui.py`
+refreshes the committed ones in docs/screenshots/ (README's "Screenshots")."""
 from __future__ import annotations
 
 import os
@@ -16,7 +18,7 @@ import pytest
 from tests.e2e.test_admin_api import fraud_csv, poll, row
 
 CHROMIUM = os.environ.get("AISTACK_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+DOCS_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
@@ -37,8 +39,13 @@ def browser():
         b.close()
 
 
+def screenshot_dir(tmp: Path) -> Path:
+    """docs/screenshots/ only when asked to refresh them (AISTACK_UPDATE_SCREENSHOTS=1), else `tmp`."""
+    return DOCS_SCREENSHOTS if os.environ.get("AISTACK_UPDATE_SCREENSHOTS") == "1" else tmp
+
+
 @pytest.fixture(scope="module")
-def page(browser, stack):
+def page(browser, stack, tmp_path_factory):
     """One signed-in tab for the module (the tests run in file order, as an operator would)."""
     context = browser.new_context(base_url=stack.url("gateway"), viewport={"width": 1440, "height": 1000},
                                   accept_downloads=True)
@@ -47,14 +54,15 @@ def page(browser, stack):
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
     tab.errors = errors
+    tab.screenshots = screenshot_dir(tmp_path_factory.mktemp("screenshots"))
     yield tab
     context.close()
 
 
 def shot(page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshots.mkdir(parents=True, exist_ok=True)
     page.evaluate("document.getElementById('toast').hidden = true")
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(page.screenshots / f"{name}.png"), full_page=True)
 
 
 def test_sign_in(page, stack):
