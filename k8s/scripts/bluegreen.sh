@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Blue-green releases of the model server (k8s/base/model.yaml).
+# Blue-green releases of the model server (k8s/base/model.yaml; its one Deployment,
+# k8s/base/model-deployment/, is rendered per slot by k8s/base/model-slots/{blue,green}).
 #
 # Two Deployments, model-blue and model-green, labelled aistack.io/slot. The Service `model`
 # (what the orchestrator and the pipeline call) selects the live slot; `model-preview` selects the
