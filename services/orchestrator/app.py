@@ -43,6 +43,7 @@ def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
                 index_ttl_s=settings.feedback_window_s,
             )
             app.state.predictor, app.state.policies = predictor, policies
+            app.state.model_pool = models.pool
 
             async def model_server():
                 # Probe replicas directly: a probe failing while the model server starts must not

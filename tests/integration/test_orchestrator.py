@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import httpx
 import orjson
@@ -269,3 +270,205 @@ async def test_features_are_enriched_from_the_online_store(model_server, feature
     error = unknown.json()["error"]
     assert error["code"] == "missing_features" and error["details"]["txn_count_24h"]["ids"] == ["NOPE"]
     assert override["outputs"] == explicit["outputs"]  # supplied features win; nothing to look up
+
+
+# -- issue 19: coalescing, bounded labels, deadlines, cache keys by value, shadow sampling ---------
+class broken_version:
+    """Make one version of the in-process model server fail (or answer late) while in the block."""
+
+    def __init__(self, model_server, version: str, delay_s: float = 0.0, fail: bool = True):
+        self.batcher = model_server.app.state.plane.models["fraud"][version].batcher
+        self.delay_s, self.fail = delay_s, fail
+
+    def __enter__(self):
+        import time
+
+        self.original = original = self.batcher._predict
+
+        def predict(inputs):
+            time.sleep(self.delay_s)
+            if self.fail:
+                raise RuntimeError("GPU fell off the bus")
+            return original(inputs)
+
+        self.batcher._predict = predict
+        return self
+
+    def __exit__(self, *exc):
+        self.batcher._predict = self.original
+
+
+async def test_concurrent_pinned_and_routed_requests_never_share_a_fallback_answer(orch, model_server):
+    """Routed requests may fall back, pinned ones may not: sent at the same moment with the same
+    inputs, each gets its own kind of answer, and a fallback answer is never reported cached."""
+    await set_policy(orch, {"routes": {"1": 100}, "fallback": "2"})
+
+    async def send(i: int, version: str | None):
+        body = {"inputs": {**ROW, "amount": 900.0 + i}, **({"version": version} if version else {})}
+        return await orch.post("/v1/predict/fraud", json=body, headers={"X-Principal": "alice"})
+
+    with broken_version(model_server, "1", delay_s=0.05):
+        for i in range(10):
+            routed_a, pinned_a, routed_b, pinned_b, pinned_2 = await asyncio.gather(
+                send(i, None), send(i, "1"), send(i, None), send(i, "1"), send(i, "2"))
+            for routed in (routed_a, routed_b):
+                assert routed.status_code == 200, routed.text
+                body = routed.json()
+                assert (body["version"], body["cached"], body["fallback"]) == ("2", False, True)
+            for pinned in (pinned_a, pinned_b):
+                assert pinned.status_code == 502, pinned.text
+                assert pinned.json()["error"]["code"] == "model_error"
+            assert pinned_2.status_code == 200 and pinned_2.json()["version"] == "2"
+            assert pinned_2.json()["cached"] is False and "fallback" not in pinned_2.json()
+
+
+async def test_policy_timeout_is_a_504_naming_the_deadline_and_ejects_no_replica(orch, model_server):
+    from services.chassis.upstream import EJECTIONS
+
+    await set_policy(orch, {"routes": {"1": 100}, "timeout_s": 0.05, "cache_ttl_s": 0})
+    ejections = EJECTIONS.labels("model")._value.get()
+    with broken_version(model_server, "1", delay_s=0.3, fail=False):
+        answers = [await orch.post("/v1/predict/fraud", json={"inputs": ROW, **pinned})
+                   for pinned in ({}, {"version": "1"}) * 3]
+    for r in answers:
+        assert r.status_code == 504, r.text
+        error = r.json()["error"]
+        assert error["code"] == "deadline_exceeded"
+        assert "timeout_s of 0.05 s" in error["message"] and error["details"]["timeout_s"] == 0.05
+    assert EJECTIONS.labels("model")._value.get() == ejections
+    replicas = orch.app.state.model_pool.replicas
+    assert all(r.ejected_until == 0 and r.failures == 0 for r in replicas)
+    assert (await predict(orch, inputs=ROW, version="2"))["version"] == "2"
+
+
+async def test_cache_keys_compare_values_as_the_model_reads_them(orch):
+    """250 and 250.0 (and values equal once cast to the model's FP32 input) are one entry; a field
+    the model does not read does not split the cache either."""
+    first = await predict(orch, inputs={**ROW, "amount": 250, "txn_count_24h": 0.1}, version="1")
+    as_float = await predict(orch, inputs={**ROW, "amount": 250.0, "txn_count_24h": 0.1}, version="1")
+    same_fp32 = await predict(orch, inputs={**ROW, "amount": 250.00000001, "txn_count_24h": 0.10000000149011612},
+                              version="1")
+    extra = await predict(orch, inputs={**ROW, "amount": 250, "txn_count_24h": 0.1, "note": "x"}, version="1")
+    other = await predict(orch, inputs={**ROW, "amount": 250.5, "txn_count_24h": 0.1}, version="1")
+    assert first["cached"] is False
+    assert as_float["cached"] is True and same_fp32["cached"] is True and extra["cached"] is True
+    assert as_float["outputs"] == first["outputs"] and other["cached"] is False
+
+
+async def test_shadow_mirrors_a_share_of_requests_by_request_id(orch):
+    """The same input, sent 200 times, is mirrored about half the time (percent 50): sampling is by
+    request, not by input (which would mirror an input always or never)."""
+    await set_policy(orch, {"routes": {"1": 100}, "shadow": {"version": "2", "percent": 50}, "cache_ttl_s": 0})
+    before = sum(SHADOW.labels("fraud", "2", a)._value.get() for a in ("true", "false", "error"))
+    for _ in range(200):
+        await predict(orch, inputs={**ROW, "amount": 6.0})
+    await orch.app.state.predictor.drain()
+    mirrored = sum(SHADOW.labels("fraud", "2", a)._value.get() for a in ("true", "false", "error")) - before
+    assert 60 <= mirrored <= 140  # binomial(200, 0.5): more than 5 standard deviations either side
+
+
+async def test_cache_hits_are_not_mirrored_unless_asked(orch):
+    await set_policy(orch, {"routes": {"1": 100}, "shadow": {"version": "2", "percent": 100}})
+
+    def mirrored() -> float:
+        return sum(SHADOW.labels("fraud", "2", a)._value.get() for a in ("true", "false", "error"))
+
+    before = mirrored()
+    answers = [await predict(orch, inputs={**ROW, "amount": 7.0}) for _ in range(5)]
+    await orch.app.state.predictor.drain()
+    assert [a["cached"] for a in answers] == [False, True, True, True, True]
+    assert mirrored() - before == 1
+    await set_policy(orch, {"routes": {"1": 100}, "shadow": {"version": "2", "percent": 100, "mirror_cached": True}})
+    for _ in range(4):
+        assert (await predict(orch, inputs={**ROW, "amount": 7.0}))["cached"] is True
+    await orch.app.state.predictor.drain()
+    assert mirrored() - before == 5
+
+
+def _series(text: str) -> set[str]:
+    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+async def test_metrics_do_not_grow_with_principals_and_usage_goes_to_the_admin_api(orch):
+    """No principal in any label: 40 new principals add no series; their usage is in /admin/usage."""
+    for p in ("warm-a", "warm-b"):
+        await predict(orch, principal=p, inputs={**ROW, "amount": 8.0})
+        await predict(orch, principal=p, inputs={**ROW, "amount": 8.0}, headers={"Cache-Control": "no-cache"})
+    before = _series((await orch.get("/metrics")).text)
+    principals = [f"user-{i}-{uuid.uuid4().hex[:6]}" for i in range(40)]
+    for p in principals:
+        await predict(orch, principal=p, inputs={**ROW, "amount": 8.0})
+        await predict(orch, principal=p, inputs={**ROW, "amount": 8.0}, headers={"Cache-Control": "no-cache"})
+    text = (await orch.get("/metrics")).text
+    assert _series(text) == before
+    assert not [p for p in principals if p in text]
+    usage = (await orch.get("/admin/usage", params={"days": 1, "limit": 1000})).json()["principals"]
+    mine = {u["principal"]: u for u in usage if u["principal"] in principals}
+    assert len(mine) == 40
+    assert all((u["requests"], u["rows"], u["cached_rows"], u["models"]) == (2, 2, 1, {"fraud": 2})
+               for u in mine.values())
+
+
+@pytest.fixture
+async def orch_internal(model_server, database_url, redis_url):
+    app = orchestrator_app(_settings(model_server, database_url, redis_url, internal_token="s3cret"))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://orch", timeout=30) as c:
+            c.app = app
+            yield c
+
+
+async def test_erasure_removes_feedback_others_gave_about_the_subjects_predictions(orch_internal, redis_url):
+    c = orch_internal
+    subject, other = f"subject-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
+    theirs = await predict(c, principal=subject, inputs={**ROW, "amount": 31.0})
+    mine = await predict(c, principal=other, inputs={**ROW, "amount": 32.0})
+    for pid in (theirs["prediction_id"], mine["prediction_id"]):
+        r = await c.post("/v1/feedback", json={"prediction_id": pid, "label": 1}, headers={"X-Principal": other})
+        assert r.status_code == 202, r.text
+    token = {"X-Internal-Token": "s3cret"}
+    exported = (await c.get(f"/internal/subjects/{subject}", headers=token)).json()
+    assert [f["prediction_id"] for f in exported["feedback_log"]] == [theirs["prediction_id"]]
+    assert exported["feedback_log"][0]["given_by_subject"] is False and exported["usage"][0]["rows"] == 1
+    erased = (await c.request("DELETE", f"/internal/subjects/{subject}", headers=token)).json()
+    assert erased["prediction_log"] == 1 and erased["feedback_log"] == 1 and erased["usage"] >= 2
+    r = aioredis.from_url(redis_url)
+    try:
+        about = [f[b"prediction_id"].decode() for _, f in await r.xrange(FEEDBACK_STREAM)]
+        logged = [f[b"principal"].decode() for _, f in await r.xrange(PREDICTION_STREAM)]
+    finally:
+        await r.aclose()
+    assert theirs["prediction_id"] not in about and mine["prediction_id"] in about
+    assert subject not in logged and other in logged
+    usage = (await c.get("/admin/usage", params={"days": 1, "limit": 1000})).json()["principals"]
+    assert subject not in {u["principal"] for u in usage}
+
+
+async def test_a_re_registered_version_does_not_serve_the_old_cached_answers(models_dir, tmp_path, database_url,
+                                                                              redis_url):
+    """Version 1 retrained under the same label (other weights, so another manifest digest): the
+    cache key names the version's content, so the old answers are not served again."""
+    import json
+    import shutil
+
+    shutil.copytree(models_dir / "fraud", tmp_path / "fraud")
+    server_app = model_app(ModelSettings(repository=tmp_path, ready_max_cpu_percent=100, internal_token="t0k"))
+    with ServedApp(server_app) as server:
+        app = orchestrator_app(_settings(server, database_url, redis_url, metadata_ttl_s=0))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://o") as c:
+                row = {**ROW, "amount": 4321.0}
+                old = await predict(c, inputs=row, version="1")
+                assert (await predict(c, inputs=row, version="1"))["cached"] is True
+                new_weights = await predict(c, inputs=row, version="2")
+                token = {"X-Internal-Token": "t0k"}
+                assert httpx.post(f"{server.url}/v2/repository/models/fraud/unload", headers=token).status_code == 200
+                v1, v2 = tmp_path / "fraud" / "1", tmp_path / "fraud" / "2"
+                shutil.rmtree(v1)
+                shutil.copytree(v2, v1)
+                manifest = json.loads((v1 / "manifest.json").read_text())
+                (v1 / "manifest.json").write_text(json.dumps({**manifest, "version": "1"}))
+                assert httpx.post(f"{server.url}/v2/repository/models/fraud/load", headers=token).status_code == 200
+                again = await predict(c, inputs=row, version="1")
+    assert old["outputs"] != new_weights["outputs"]
+    assert again["cached"] is False and again["outputs"] == new_weights["outputs"]
