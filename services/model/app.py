@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -11,10 +12,25 @@ from services.chassis.limits import set_body_limit
 
 from .api import router
 from .repository_api import admin as repository_admin
+from .repository_api import close_versions
 from .repository_api import router as repository_router
 from .runtimes import RuntimeOptions
 from .service import DataPlane
 from .settings import ModelSettings
+
+log = logging.getLogger("aistack.model")
+
+
+async def _poll_repository(plane: DataPlane, every_s: float) -> None:
+    """Serve versions that reached the shared repository through another replica's load."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            for name in await asyncio.to_thread(plane.changed):
+                async with plane.repository_lock:
+                    await close_versions(await asyncio.to_thread(plane.rescan, name))
+        except Exception:  # a bad scan must not end the loop; the next tick tries again
+            log.exception("repository poll failed")
 
 
 def create_app(settings: ModelSettings | None = None) -> FastAPI:
@@ -36,9 +52,14 @@ def create_app(settings: ModelSettings | None = None) -> FastAPI:
                 raise RuntimeError("; ".join(bad))
 
         add_ready_check(app, "models", models_loaded)
+        poller = (asyncio.create_task(_poll_repository(plane, settings.repository_poll_s))
+                  if settings.repository_poll_s > 0 else None)
         try:
             yield
         finally:
+            if poller is not None:
+                poller.cancel()
+                await asyncio.gather(poller, return_exceptions=True)
             await plane.close()
 
     app = create_service_app(settings, title="aistack model server",

@@ -62,7 +62,8 @@ def _upload(parameters: dict) -> tuple[dict | None, dict[str, bytes]]:
     return config, files
 
 
-async def _close(gone) -> None:
+async def close_versions(gone) -> None:
+    """Close the batchers of versions that left (what is still queued there fails with a 503)."""
     for mv in gone:
         if mv.batcher is not None:
             await mv.batcher.close()
@@ -73,7 +74,7 @@ async def _load(plane: DataPlane, name: str, parameters: dict) -> dict:
     async with plane.repository_lock:
         version = await asyncio.to_thread(plane.add_version, name, config, files) if config is not None else None
         # Loading hashes artifacts and may import torch: off the event loop.
-        await _close(await asyncio.to_thread(plane.rescan, name))
+        await close_versions(await asyncio.to_thread(plane.rescan, name))
     rows = [r for r in plane.index() if r["name"] == name]
     return {"name": name, "version": version, "versions": rows}
 
@@ -98,7 +99,7 @@ async def unload(plane: Plane, name: str):
     try:
         async with plane.repository_lock:
             gone = plane.unload(name)
-            await _close(gone)
+            await close_versions(gone)
     except V2Error as exc:
         return v2_error(exc)
     return JSONResponse({"name": name, "unloaded": sorted(mv.version for mv in gone)})

@@ -147,6 +147,20 @@ class DataPlane:
             self.unserved.pop(name, None)
         return gone
 
+    def changed(self) -> list[str]:
+        """Models whose versions on disk differ from what this server knows (another replica took an
+        upload into the shared repository): the poll loop rescans them, as Triton's poll mode does.
+        An unloaded model stays unloaded until a load names it."""
+        on_disk = repository.scan(self.root)
+        out = []
+        for name in sorted(set(on_disk) | set(self.models)):
+            known = set(self.models.get(name, {})) | set(self.unserved.get(name, {}))
+            unloaded = name not in self.models and any(
+                why == "unloaded" for why in self.unserved.get(name, {}).values())
+            if not unloaded and set(on_disk.get(name, {})) != known and name in on_disk:
+                out.append(name)
+        return out
+
     def unload(self, name: str) -> list[ModelVersion]:
         """Stop serving every version of `name` until the next load; returns them for closing."""
         _check_names(name, None)

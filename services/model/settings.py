@@ -24,3 +24,5 @@ class ModelSettings(ServiceSettings):
     threads: int | None = None
     # Largest load request (a new version's files, base64): the fraud model is ~1 MB, MiniLM ~120 MB.
     upload_max_bytes: int = 512 * 1024 * 1024
+    # Seconds between checks of the repository for versions another replica added (0: off).
+    repository_poll_s: float = 15.0

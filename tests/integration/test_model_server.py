@@ -349,3 +349,25 @@ async def test_a_tampered_upload_is_refused_by_name_of_artifact(repo_server):
     r = await repo_server.post("/v2/repository/models/fraud/load", headers=TOKEN, json=body)
     assert r.status_code == 400 and "plain file name" in r.json()["error"]
     assert not (repo_server.root / "escape").exists() and not (repo_server.root / "fraud" / "escape").exists()
+
+
+async def test_a_replica_serves_a_version_another_replica_took(models_dir, tmp_path):
+    """Two replicas over one shared repository: the upload reaches one, the other polls it in."""
+    shutil.copytree(models_dir / "fraud", tmp_path / "fraud")
+    one = create_app(settings(tmp_path, internal_token="t0ken", repository_poll_s=0))
+    two = create_app(settings(tmp_path, internal_token="t0ken", repository_poll_s=0.2))
+    async with one.router.lifespan_context(one), two.router.lifespan_context(two), \
+            httpx.AsyncClient(transport=httpx.ASGITransport(one), base_url="http://one") as a, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(two), base_url="http://two") as b:
+        r = await a.post("/v2/repository/models/fraud/load", headers=TOKEN, json=_upload(tmp_path))
+        assert r.status_code == 200 and r.json()["version"] == "3"
+        for _ in range(300):
+            if (await b.get("/v2/models/fraud/versions/3/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        r = await b.post("/v2/models/fraud/versions/3/infer", json=fraud_body())
+        assert r.status_code == 200 and r.json()["model_version"] == "3"
+        # An unload is the replica's own decision: polling does not bring the model back.
+        assert (await b.post("/v2/repository/models/fraud/unload", headers=TOKEN)).status_code == 200
+        await asyncio.sleep(0.5)
+        assert (await b.get("/v2/models/fraud")).status_code == 404
