@@ -36,10 +36,9 @@ def setup_tracing(service: str) -> None:
         return
     _configured = True
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service)})
-    provider = TracerProvider(resource=resource)
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-    ):
+    exporting = exporter_configured()
+    provider = TracerProvider(resource=resource, sampler=sampler(exporting))
+    if exporting:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
@@ -48,15 +47,38 @@ def setup_tracing(service: str) -> None:
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-    HTTPXClientInstrumentor().instrument()
-    RedisInstrumentor().instrument()
+    HTTPXClientInstrumentor().instrument()  # also what carries traceparent to the next service
+    if exporting:  # Redis spans only matter where someone receives them
+        RedisInstrumentor().instrument()
+
+
+def exporter_configured() -> bool:
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def sampler(exporting: bool):
+    """Parent-based: a caller's decision (the traceparent flag) is followed. New traces: the share
+    OTEL_TRACES_SAMPLER_ARG (default 0.1) with an exporter, none without one (trace ids still flow
+    into logs and X-Trace-Id). OTEL_TRACES_SAMPLER, when set, is the SDK's to apply (None)."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+
+    if os.environ.get("OTEL_TRACES_SAMPLER"):
+        return None
+    if not exporting:
+        return ParentBased(ALWAYS_OFF)
+    try:
+        ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG") or 0.1)
+    except ValueError:
+        ratio = 0.1
+    return ParentBased(TraceIdRatioBased(min(1.0, max(0.0, ratio))))
 
 
 def instrument_app(app) -> None:
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    """Server spans by the chassis' own pure ASGI middleware (services/chassis/tracing.py), which
+    decides sampling before building anything; it also answers X-Trace-Id."""
+    from .tracing import ServerSpanMiddleware
 
-    FastAPIInstrumentor.instrument_app(app, excluded_urls=EXCLUDED_URLS)
-    app.add_middleware(TraceIdHeaderMiddleware)
+    app.add_middleware(ServerSpanMiddleware, excluded=frozenset(EXCLUDED_URLS.split(",")))
 
 
 def instrument_engine(engine) -> None:

@@ -7,7 +7,8 @@ from fastapi import Depends, Request
 from .service import DataPlane
 
 
-def _plane(request: Request) -> DataPlane:
+async def _plane(request: Request) -> DataPlane:
+    """async: a plain def dependency costs a thread-pool hop on every request (issue 18)."""
     return request.app.state.plane
 
 

@@ -8,20 +8,21 @@ from .service import Predictor
 from .store import PolicyStore
 
 
-def _predictor(request: Request) -> Predictor:
+# Dependencies are async: a plain def costs a thread-pool hop per request (issue 18).
+async def _predictor(request: Request) -> Predictor:
     return request.app.state.predictor
 
 
-def _policies(request: Request) -> PolicyStore:
+async def _policies(request: Request) -> PolicyStore:
     return request.app.state.policies
 
 
-def _principal(x_principal: Annotated[str | None, Header(include_in_schema=False)] = None) -> str:
+async def _principal(x_principal: Annotated[str | None, Header(include_in_schema=False)] = None) -> str:
     """Set by the gateway after authentication (it strips any value a client sends)."""
     return x_principal or "anonymous"
 
 
-def _use_cache(cache_control: Annotated[str | None, Header(include_in_schema=False)] = None) -> bool:
+async def _use_cache(cache_control: Annotated[str | None, Header(include_in_schema=False)] = None) -> bool:
     return "no-cache" not in (cache_control or "").lower()
 
 
