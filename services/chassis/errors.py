@@ -4,6 +4,7 @@ Clients never see a stack trace; 4xx is the caller's fault, 503 + Retry-After is
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -36,9 +37,17 @@ def error_body(code: str, message: str, details: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details}}
 
 
+class ErrorJSONResponse(JSONResponse):
+    """ASCII JSON: an error message may quote the caller's input, lone surrogates included, and
+    must still render (as \\ud800 escapes) instead of failing with a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, code: str, message: str, details: Any = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
+    return ErrorJSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
 def _validation_details(exc: RequestValidationError) -> tuple[int, str, str, list]:

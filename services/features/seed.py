@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 
+from .client import DEMO_VIEW
 from .dtypes import to_ms
 from .online import OnlineLookup, OnlineRow
 from .registry import load_doc, lock_sql
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
     from .service import FeatureStore
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
-DEMO_VIEW = "customer_transactions"
 DEMO_SOURCE = "demo-seed"
 _SEED_LOCK = "features.seed"
 
