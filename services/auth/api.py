@@ -9,6 +9,7 @@ from fastapi import APIRouter, Form, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 
 from services.chassis.errors import AppError
+from services.chassis.internal import check_internal_token
 
 from .deps import AdminPrincipal, Audit, Auth, ClientIP, Principal, SubjectsDep
 from .schemas import (
@@ -73,6 +74,17 @@ async def logout(body: RefreshRequest, auth: Auth) -> Response:
     return Response(status_code=204)
 
 
+@router.post("/logout-all", status_code=204, summary="Sign out everywhere: every session and access token")
+async def logout_all(principal: Principal, auth: Auth, audit: Audit) -> Response:
+    """Ends every session of the signed-in user; their access tokens stop working at every gateway."""
+    if principal.kind != "user":
+        raise AppError(403, "user_token_required", "signing out everywhere needs the user's own access token")
+    n = await auth.sign_out_everywhere(principal.sub)
+    await audit.record(principal.sub, "user.sign_out_everywhere", principal.sub, actor_role=principal.role,
+                       details={"sessions": n})
+    return Response(status_code=204)
+
+
 @router.get("/me", response_model=MeOut)
 async def me(principal: Principal, auth: Auth) -> MeOut:
     if principal.kind != "user":
@@ -97,11 +109,14 @@ async def jwks(auth: Auth, response: Response) -> dict:
     return await auth.keys.jwks()
 
 
-@internal.post("/introspect", summary="API key introspection for the gateway")
+@internal.post("/introspect", summary="API key introspection for the gateway (X-Internal-Token)")
 async def introspect(body: IntrospectRequest, auth: Auth, request: Request) -> dict:
-    expected = request.app.state.settings.introspection_token
-    if expected and not hmac.compare_digest(request.headers.get("x-internal-token", ""), expected):
-        raise AppError(403, "forbidden", "introspection needs the internal token")
+    """Always needs the internal token (INTERNAL_TOKEN, or AUTH_INTROSPECTION_TOKEN): never open."""
+    settings = request.app.state.settings
+    presented = request.headers.get("x-internal-token", "")
+    legacy = settings.introspection_token
+    if not (legacy and presented and hmac.compare_digest(presented.encode(), legacy.encode())):
+        check_internal_token(settings.internal_token, presented)
     return await auth.introspect_api_key(body.api_key)
 
 
@@ -141,7 +156,8 @@ async def list_api_keys(_: AdminPrincipal, auth: Auth) -> list[ApiKeyOut]:
 @admin.post("/api-keys", response_model=ApiKeyCreated, status_code=201)
 async def create_api_key(body: ApiKeyCreate, principal: AdminPrincipal, auth: Auth,
                          response: Response, audit: Audit) -> ApiKeyCreated:
-    owner = principal.sub if principal.kind == "user" else None
+    # A key minted by a key belongs to that key's owner: every key has a user behind it.
+    owner = principal.sub if principal.kind == "user" else principal.claims.get("owner")
     row, key = await auth.create_api_key(body.name, body.role, body.scopes, body.expires_in_s,
                                          body.rate_limit_rpm, owner)
     response.headers.update(NO_STORE)
@@ -168,20 +184,14 @@ async def rotate(admin_: AdminPrincipal, auth: Auth, audit: Audit) -> RotateOut:
 me_router = APIRouter(prefix="/v1/me", tags=["privacy"])
 
 
-async def _subject_of(principal, auth, subjects) -> uuid.UUID:
-    """The user behind a credential: the user itself, or the owner of an API key."""
-    if principal.kind == "user":
-        return (await auth.get_user(principal.sub)).id
-    owner = await subjects.api_key_owner(principal.claims.get("key_id", ""))
-    if owner is None:
-        raise AppError(400, "not_a_data_subject", "this API key belongs to no user; ask an admin")
-    return owner
-
-
 @me_router.get("/export", summary="Everything stored about the caller, across the services")
 async def export_me(principal: Principal, auth: Auth, subjects: SubjectsDep, response: Response) -> dict:
+    """A user gets their whole account; an API key gets only what was done under that key (two
+    workloads holding two keys of one owner never read each other's data)."""
     response.headers.update(NO_STORE)
-    return jsonable_encoder(await subjects.export(await _subject_of(principal, auth, subjects)))
+    if principal.kind != "user":
+        return jsonable_encoder(await subjects.export_key(principal.claims.get("key_id", "")))
+    return jsonable_encoder(await subjects.export((await auth.get_user(principal.sub)).id))
 
 
 @me_router.delete("", summary="Erase the caller's account and data in every service (signed-in users only)")
@@ -252,8 +262,6 @@ async def audit_log(_: AdminPrincipal, audit: Audit, action: str | None = Query(
 
 @internal.post("/audit", status_code=202, summary="Record another service's admin action (X-Internal-Token)")
 async def post_audit(body: AuditEventIn, audit: Audit, request: Request) -> dict:
-    from services.chassis.internal import check_internal_token
-
     check_internal_token(request.app.state.settings.internal_token, request.headers.get("x-internal-token"))
     await audit.record(body.actor, body.action, body.target, actor_role=body.actor_role, details=body.details,
                        service=body.service)

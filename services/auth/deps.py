@@ -4,10 +4,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from services.chassis.errors import AppError
+from services.chassis.clientip import client_address
 
 from .privacy import AuditLog, Subjects
-from .service import API_KEY_PREFIX, AuthService, client_address, unauthorized
+from .service import API_KEY_PREFIX, AuthService, unauthorized
 from .service import Principal as Caller
 
 
@@ -32,16 +32,8 @@ async def _principal(request: Request, auth: Auth) -> Caller:
     if not token:
         raise unauthorized("missing credentials", error="invalid_request")
     if token.startswith(API_KEY_PREFIX):
-        principal = await auth.principal_from_api_key(token)
-    else:
-        principal = await auth.verify_access(token)
-        try:
-            user = await auth.get_user(principal.sub) if principal.sub else None
-        except AppError:  # erased (docs/privacy.md): its access tokens die with it
-            user = None
-        if user is None or user.disabled:
-            raise unauthorized("account disabled")
-    return principal
+        return await auth.principal_from_api_key(token)  # introspection applies the owner's state
+    return await auth.current(await auth.verify_access(token))
 
 
 Principal = Annotated[Caller, Depends(_principal)]

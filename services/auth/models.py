@@ -9,6 +9,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Double,
     ForeignKey,
     Integer,
     LargeBinary,
@@ -112,3 +113,37 @@ class SubjectLink(Base):
     entity: Mapped[str] = mapped_column(String(63), primary_key=True)
     entity_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Revocation(Base):
+    """Credentials issued before `not_before` (epoch seconds) are dead: `user:<id>` (every token of
+    a user), `sid:<family>` (one session's tokens) or `apikey:<id>` (a key's cached introspection).
+    The truth for revocation; mirrored to the Redis hash auth:revocations (services/auth/revocation.py)."""
+
+    __tablename__ = "revocations"
+    __table_args__ = {"schema": SCHEMA}  # noqa: RUF012
+
+    subject: Mapped[str] = mapped_column(String(200), primary_key=True)
+    not_before: Mapped[float] = mapped_column(Double)
+
+
+class Erasure(Base):
+    """One data-subject erasure: frozen first, then confirmed service by service (docs/privacy.md).
+
+    user_id stays only while the erasure is pending (a retry needs it); it is cleared when done."""
+
+    __tablename__ = "erasures"
+    __table_args__ = {"schema": SCHEMA}  # noqa: RUF012
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    subject_hash: Mapped[str] = mapped_column(String(64), index=True)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))  # frozen | erasing | done
+    requested_by: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(200))
+    actor_role: Mapped[str] = mapped_column(String(32), default="")
+    confirmed: Mapped[dict] = mapped_column(JSONB, default=dict)  # service -> {"at": iso time, counts}
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -7,8 +7,14 @@ Audit: auth's own admin actions are inserted directly; other services append to 
 Data subject: a user. Their principals, as the gateway names callers in X-Principal, are the user
 id and `apikey:<id>` of each API key they own; their linked entities are the rows of
 `auth.subject_links` (admin-managed: which customer ids are this person). Export gathers auth's own
-rows and asks the owners' internal APIs (pipeline, orchestrator, features) for theirs; erase
-deletes in every service first and the account last, so a failed erase can simply be repeated.
+rows and asks the owners' internal APIs (pipeline, orchestrator, features) for theirs.
+
+Erasure is a state machine kept in `auth.erasures` (issue 20): *frozen* (the account and all its
+keys disabled, every token and cached key revoked at every gateway, in one step, before anything is
+erased) -> *erasing* (each service's erase called, and retried until it confirms; a service that
+stays down leaves the erasure pending and the background loop retries it) -> *done* (the account,
+its keys, sessions and links deleted; the audit record lists which services confirmed and when).
+The key rows (id -> owner) live until the end, so data written under `apikey:<id>` is always found.
 """
 from __future__ import annotations
 
@@ -33,10 +39,11 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from services.chassis.errors import AppError
 from services.chassis.internal import AUDIT_STREAM, internal_headers
 
-from .models import ApiKey, AuditEntry, RefreshToken, SubjectLink, User
+from .models import ApiKey, AuditEntry, Erasure, RefreshToken, SubjectLink, User
 
 log = logging.getLogger("aistack.auth.privacy")
 GROUP = "auth"
+ERASING_SERVICES = ("pipeline", "orchestrator", "features")
 _DEV_SALT = "aistack-development-audit-salt"
 
 
@@ -143,8 +150,10 @@ class AuditLog:
 class Subjects:
     """Export and erasure of a user's data across the services."""
 
-    def __init__(self, sessions: async_sessionmaker, audit: AuditLog, http: httpx.AsyncClient, settings):
+    def __init__(self, sessions: async_sessionmaker, audit: AuditLog, http: httpx.AsyncClient, settings,
+                 revocations=None):
         self.sessions, self.audit, self.http, self.s = sessions, audit, http, settings
+        self.revocations = revocations
         if not settings.audit_salt:
             log.warning("AUTH_AUDIT_SALT is not set: erasure records hash subjects with a fixed development "
                         "salt. Set it in any shared deployment.")
@@ -248,49 +257,179 @@ class Subjects:
                                                     params={"entity": entity, "ids": ids}))
         return out
 
+    async def export_key(self, key_id: str) -> dict:
+        """What one API key's principal did: that key's metadata and data, nothing of its owner's."""
+        try:
+            kid = uuid.UUID(str(key_id))
+        except ValueError:
+            raise AppError(404, "api_key_not_found", "no such API key") from None
+        async with self.sessions() as session:
+            k = await session.get(ApiKey, kid)
+        if k is None:
+            raise AppError(404, "api_key_not_found", "no such API key")
+        principal = f"apikey:{k.id}"
+        out: dict[str, Any] = {
+            "generated_at": datetime.now(UTC), "principals": [principal],
+            "api_key": {"id": k.id, "prefix": k.prefix, "name": k.name, "role": k.role, "scopes": k.scopes,
+                        "created_at": k.created_at, "expires_at": k.expires_at, "last_used_at": k.last_used_at},
+            "predictions": [], "feedback": [], "jobs": [], "prediction_log": [], "feedback_log": []}
+        quoted = "/internal/subjects/" + quote(principal, safe="")
+        pipe = await self._call("pipeline", "GET", quoted)
+        orch = await self._call("orchestrator", "GET", quoted)
+        for name, src in (("predictions", pipe), ("feedback", pipe), ("jobs", pipe),
+                          ("prediction_log", orch), ("feedback_log", orch)):
+            out[name] += [{**item, "principal": principal} for item in src.get(name, [])]
+        for name, value in pipe.items():  # anything else the pipeline exports (job inputs, results)
+            out.setdefault(name, value)
+        return out
+
     # -- erase ---------------------------------------------------------------------------------
     async def erase(self, user_id: uuid.UUID, *, actor: str, actor_role: str, by_self: bool) -> dict:
-        """Delete the subject's data in every service, then the account; idempotent. The audit record
-        names the subject by a keyed hash only and carries counts, never personal data."""
-        user, keys, links, _ = await self._state(user_id)
-        subject = self.subject_hash(str(user_id))
-        counts: dict[str, dict[str, int]] = {"pipeline": {}, "orchestrator": {}, "features": {}, "auth": {}}
+        """Freeze the subject, erase them in every service (retried), then delete the account.
 
-        def add(service: str, result: dict) -> None:
+        Idempotent: erasing again (or an id whose account is gone) removes what is left. When a
+        service does not confirm within the request's retries the answer says `pending` and lists
+        it; the background loop (`run`) keeps retrying until it confirms."""
+        erasure_id = await self.freeze(user_id, actor=actor, actor_role=actor_role, by_self=by_self)
+        return await self.advance(erasure_id, attempts=self.s.erase_attempts)
+
+    async def freeze(self, user_id: uuid.UUID, *, actor: str, actor_role: str, by_self: bool) -> uuid.UUID:
+        """Step 1, before any service erases: account disabled, every key revoked, every session
+        ended, all of it revoked at every gateway. Reuses a pending erasure of the same subject."""
+        subject = self.subject_hash(str(user_id))
+        async with self.sessions.begin() as session:
+            await session.execute(update(User).where(User.id == user_id).values(disabled=True))
+            await session.execute(update(ApiKey).where(ApiKey.owner_id == user_id, ApiKey.revoked_at.is_(None))
+                                  .values(revoked_at=datetime.now(UTC)))
+            await session.execute(update(RefreshToken).where(RefreshToken.user_id == user_id,
+                                                             RefreshToken.revoked_at.is_(None))
+                                  .values(revoked_at=datetime.now(UTC)))
+            key_ids = list(await session.scalars(select(ApiKey.id).where(ApiKey.owner_id == user_id)))
+            pending = await session.scalar(select(Erasure).where(Erasure.user_id == user_id, Erasure.state != "done")
+                                           .with_for_update())
+            if pending is None:
+                pending = Erasure(id=uuid.uuid4(), subject_hash=subject, user_id=user_id, state="frozen",
+                                  requested_by="subject" if by_self else "admin",
+                                  actor=f"subject:{subject}" if by_self else actor, actor_role=actor_role or "",
+                                  confirmed={}, attempts=0)
+                session.add(pending)
+            erasure_id = pending.id
+        if self.revocations is not None:
+            await self.revocations.revoke(f"user:{user_id}", *[f"apikey:{k}" for k in key_ids])
+        # Requests already past a gateway's check when the revocation landed finish first.
+        await asyncio.sleep(self.s.erase_settle_s)
+        return erasure_id
+
+    async def advance(self, erasure_id: uuid.UUID, attempts: int = 1) -> dict:
+        """Steps 2 and 3: call every service that has not confirmed yet, then finish if all did."""
+        for attempt in range(max(1, attempts)):
+            async with self.sessions() as session:
+                e = await session.get(Erasure, erasure_id)
+            if e is None or e.state == "done":
+                return {"erasure_id": erasure_id.hex, "state": "done"}
+            confirmed, error = dict(e.confirmed or {}), None
+            try:
+                await self._erase_services(e.user_id, confirmed)
+            except AppError as exc:
+                error = exc.message
+            async with self.sessions.begin() as session:
+                row = await session.get(Erasure, erasure_id, with_for_update=True)
+                row.confirmed, row.attempts = confirmed, row.attempts + 1
+                row.state, row.last_error = ("erasing", error) if error else (row.state, None)
+            if error is None:
+                return await self._finish(erasure_id)
+            log.warning("erasure pending (attempt %d): %s", attempt + 1, error)
+            if attempt + 1 < attempts:
+                await asyncio.sleep(min(2.0 ** attempt, self.s.erase_retry_s))
+        return {"erasure_id": erasure_id.hex, "subject_hash": e.subject_hash, "state": "pending",
+                "confirmed": confirmed, "pending": [s for s in ERASING_SERVICES if s not in confirmed],
+                "error": error}
+
+    async def _erase_services(self, user_id: uuid.UUID, confirmed: dict) -> None:
+        """Each service in turn; one that confirms is recorded with its counts and time and never
+        called again for this erasure. Raises AppError for the first that does not confirm."""
+        _, keys, links, _ = await self._state(user_id)
+
+        def done(service: str, counts: dict) -> None:
+            confirmed[service] = {"at": datetime.now(UTC).isoformat(), "counts": counts}
+
+        def add(into: dict, result: dict) -> None:
             for k, v in result.items():
                 if isinstance(v, int) and not isinstance(v, bool):
-                    counts[service][k] = counts[service].get(k, 0) + v
+                    into[k] = into.get(k, 0) + v
 
-        for principal in self.principals(user_id, keys):
-            path = "/internal/subjects/" + quote(principal, safe="")
-            erased = await self._call("pipeline", "DELETE", path)
-            add("pipeline", erased)
-            add("orchestrator", await self._call("orchestrator", "DELETE", path,
-                                                 body={"predictions": erased.get("refs", [])}))
-            # Entries the pipeline was persisting from the log while the orchestrator dropped it.
-            add("pipeline", await self._call("pipeline", "DELETE", path))
-        for entity, ids in self._entities(links).items():
-            add("features", await self._call("features", "DELETE", "/internal/subjects",
-                                             params={"entity": entity, "ids": ids}))
+        principals = self.principals(user_id, keys)
+        if "pipeline" not in confirmed or "orchestrator" not in confirmed:
+            pipe, orch = {}, {}
+            for principal in principals:
+                path = "/internal/subjects/" + quote(principal, safe="")
+                erased = await self._call("pipeline", "DELETE", path)
+                add(pipe, erased)
+                add(orch, await self._call("orchestrator", "DELETE", path,
+                                           body={"predictions": erased.get("refs", [])}))
+                # Entries the pipeline was persisting from the log while the orchestrator dropped it.
+                add(pipe, await self._call("pipeline", "DELETE", path))
+            done("pipeline", pipe)
+            done("orchestrator", orch)
+        if "features" not in confirmed:
+            feats: dict = {}
+            for entity, ids in self._entities(links).items():
+                add(feats, await self._call("features", "DELETE", "/internal/subjects",
+                                            params={"entity": entity, "ids": ids}))
+            done("features", feats)
+
+    async def _finish(self, erasure_id: uuid.UUID) -> dict:
+        """Step 3: every service confirmed; the account goes, and the audit record says who confirmed when."""
+        async with self.sessions() as session:
+            e = await session.get(Erasure, erasure_id)
+        user_id, subject = e.user_id, e.subject_hash
+        user, keys, _, _ = await self._state(user_id)
+        counts: dict[str, dict[str, int]] = {s: dict(c.get("counts", {})) for s, c in e.confirmed.items()}
+        auth_counts: dict[str, int] = {}
         async with self.sessions.begin() as session:
-            counts["auth"]["refresh_tokens"] = (await session.execute(
+            row = await session.get(Erasure, erasure_id, with_for_update=True)
+            if row.state == "done":  # finished meanwhile by another replica or the retry loop
+                return {"erasure_id": erasure_id.hex, "subject_hash": subject, "state": "done", "counts": counts}
+            auth_counts["refresh_tokens"] = (await session.execute(
                 delete(RefreshToken).where(RefreshToken.user_id == user_id))).rowcount
-            counts["auth"]["api_keys"] = (await session.execute(
+            auth_counts["api_keys"] = (await session.execute(
                 delete(ApiKey).where(ApiKey.owner_id == user_id))).rowcount
-            counts["auth"]["linked_entities"] = (await session.execute(
+            auth_counts["linked_entities"] = (await session.execute(
                 delete(SubjectLink).where(SubjectLink.user_id == user_id))).rowcount
-            counts["auth"]["users"] = (await session.execute(delete(User).where(User.id == user_id))).rowcount
+            auth_counts["users"] = (await session.execute(delete(User).where(User.id == user_id))).rowcount
             # Earlier audit entries about (or by) the subject keep the event, not the identifier.
             for col in (AuditEntry.actor, AuditEntry.target):
                 await session.execute(update(AuditEntry).where(col == str(user_id)).values({col: f"subject:{subject}"}))
             for key in keys:
                 await session.execute(update(AuditEntry).where(AuditEntry.target == str(key.id))
                                       .values(target=f"subject:{subject}:apikey"))
-        erasure_id = uuid.uuid4().hex
-        await self.audit.record(f"subject:{subject}" if by_self else actor, "subject.erase", f"subject:{subject}",
-                                actor_role=actor_role, details={
-                                    "erasure_id": erasure_id, "subject_hash": subject,
-                                    "requested_by": "subject" if by_self else "admin",
-                                    "account_existed": user is not None, "counts": counts})
-        log.info("subject erased", extra={"erasure_id": erasure_id})
-        return {"erasure_id": erasure_id, "subject_hash": subject, "counts": counts}
+            row.state, row.user_id, row.finished_at = "done", None, datetime.now(UTC)
+            row.confirmed = {**row.confirmed, "auth": {"at": datetime.now(UTC).isoformat(), "counts": auth_counts}}
+            confirmations = {s: c["at"] for s, c in row.confirmed.items()}
+            requested_by, actor, actor_role = row.requested_by, row.actor, row.actor_role
+        counts["auth"] = auth_counts
+        await self.audit.record(actor, "subject.erase", f"subject:{subject}", actor_role=actor_role, details={
+            "erasure_id": erasure_id.hex, "subject_hash": subject, "requested_by": requested_by,
+            "account_existed": user is not None, "counts": counts, "confirmed": confirmations})
+        log.info("subject erased", extra={"erasure_id": erasure_id.hex})
+        return {"erasure_id": erasure_id.hex, "subject_hash": subject, "state": "done", "counts": counts,
+                "confirmed": confirmations}
+
+    async def retry_pending(self) -> int:
+        """One round of the background loop: advance every erasure not done yet."""
+        async with self.sessions() as session:
+            ids = list(await session.scalars(select(Erasure.id).where(Erasure.state != "done")))
+        for erasure_id in ids:
+            await self.advance(erasure_id)
+        return len(ids)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.s.erase_retry_s)
+            if stop.is_set():
+                return
+            try:
+                await self.retry_pending()
+            except Exception as exc:  # noqa: BLE001 - next round
+                log.warning("erasure retry failed: %s", exc)

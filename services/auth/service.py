@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import logging
 import secrets
 import time
@@ -29,11 +28,11 @@ from services.chassis.errors import AppError
 
 from . import keys as keymod
 from .models import ApiKey, RefreshToken, SigningKey, User
+from .passwords import check_password
+from .revocation import Revocations
 from .settings import AuthSettings
 
 log = logging.getLogger("aistack.auth")
-_COUNT_FAILURE = ("local n = redis.call('INCR', KEYS[1]) "
-                  "if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end return n")
 
 SCOPES = ("predict", "features:read", "features:write", "jobs", "admin")
 ROLE_SCOPES: dict[str, tuple[str, ...]] = {
@@ -84,6 +83,14 @@ def normalize_email(email: str) -> str:
     return email
 
 
+def effective_rights(key_role: str, key_scopes: list[str], owner_role: str) -> tuple[str, list[str]]:
+    """What a key may do now: its scopes within its owner's current role; its role, or the owner's
+    when the owner's role grants less (a demoted owner demotes their keys)."""
+    owner_scopes = set(ROLE_SCOPES.get(owner_role, ()))
+    role = key_role if set(ROLE_SCOPES.get(key_role, ())) <= owner_scopes else owner_role
+    return role, [s for s in key_scopes if s in owner_scopes]
+
+
 # -- passwords --------------------------------------------------------------------------------
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
@@ -122,11 +129,38 @@ class TokenPair:
 
 
 # -- brute-force protection -------------------------------------------------------------------
+# Reserve one attempt per target before the password is verified (issue 13: N concurrent guesses
+# must verify at most the limit). KEYS: per target (fail counter, lock). ARGV: window, lockout,
+# then one limit per target. Returns 0 (reserved), or the seconds left of a lock on target i
+# as {i, ttl}. A reservation that reaches the limit starts the lock for the next attempt at once.
+_RESERVE = """
+local n = #KEYS / 2
+for i = 1, n do
+  local ttl = redis.call('TTL', KEYS[2*i])
+  if ttl and ttl > 0 then return {i, ttl} end
+end
+for i = 1, n do
+  local c = redis.call('INCR', KEYS[2*i-1])
+  if c == 1 then redis.call('EXPIRE', KEYS[2*i-1], ARGV[1]) end
+  if c >= tonumber(ARGV[2+i]) then
+    redis.call('SET', KEYS[2*i], '1', 'EX', ARGV[2])
+    redis.call('DEL', KEYS[2*i-1])
+  end
+end
+return 0
+"""
+
+
 class LoginLimiter:
-    """Failed logins counted per account and per client address in Redis; too many locks out."""
+    """Login attempts counted per account and per client address in Redis; too many locks out.
+
+    Every attempt is counted *before* its password is verified (an atomic reserve), and a success
+    gives the account's count back: so concurrent guesses can never verify more than the limit.
+    """
 
     def __init__(self, redis, settings: AuthSettings):
         self.redis, self.s = redis, settings
+        self.script = redis.register_script(_RESERVE)
 
     @staticmethod
     def _keys(kind: str, ident: str) -> tuple[str, str]:
@@ -138,55 +172,32 @@ class LoginLimiter:
         if ip:
             yield "ip", ip, self.s.login_max_failures_per_ip
 
-    async def check(self, email: str, ip: str | None) -> None:
+    async def reserve(self, email: str, ip: str | None) -> None:
+        """Count this attempt, or answer 429 when the account or the address is locked out."""
+        targets = list(self._targets(email, ip))
+        keys = [k for kind, ident, _ in targets for k in self._keys(kind, ident)]
         try:
-            for kind, ident, _ in self._targets(email, ip):
-                ttl = await self.redis.ttl(self._keys(kind, ident)[1])
-                if ttl and ttl > 0:
-                    raise AppError(429, "login_locked",
-                                   f"too many failed logins for this {kind}; try again later",
-                                   {"scope": kind, "retry_after_s": ttl}, headers={"Retry-After": str(ttl)})
-        except AppError:
-            raise
+            out = await self.script(keys=keys, args=[self.s.login_window_s, self.s.login_lockout_s,
+                                                     *[limit for _, _, limit in targets]])
         except Exception as exc:  # Redis down: do not lock everyone out; count it  # noqa: BLE001
             LIMITER_ERRORS.inc()
             log.warning("login limiter unavailable: %s", exc)
+            return
+        if out and out != 0 and isinstance(out, list):
+            kind, ttl = targets[int(out[0]) - 1][0], int(out[1])
+            LOCKOUTS.labels(kind).inc()
+            raise AppError(429, "login_locked", f"too many failed logins for this {kind}; try again later",
+                           {"scope": kind, "retry_after_s": ttl}, headers={"Retry-After": str(ttl)})
 
-    async def failed(self, email: str, ip: str | None) -> None:
+    async def succeeded(self, email: str, ip: str | None = None) -> None:
+        """The right password: the account's count and lock go, the address gets its attempt back."""
         try:
-            for kind, ident, limit in self._targets(email, ip):
-                fail_key, lock_key = self._keys(kind, ident)
-                # INCR, and start the window on the first failure: one atomic script (EXPIRE NX
-                # would need Redis 7; the embedded server is 6.2).
-                count = await self.redis.eval(_COUNT_FAILURE, 1, fail_key, self.s.login_window_s)
-                if count >= limit:
-                    await self.redis.set(lock_key, b"1", ex=self.s.login_lockout_s)
-                    await self.redis.delete(fail_key)
-                    LOCKOUTS.labels(kind).inc()
-                    log.warning("login lockout started for %s", kind)
-        except Exception as exc:  # noqa: BLE001
-            LIMITER_ERRORS.inc()
-            log.warning("login limiter unavailable: %s", exc)
-
-    async def succeeded(self, email: str) -> None:
-        try:
-            await self.redis.delete(self._keys("account", email)[0])
+            await self.redis.delete(*self._keys("account", email))
+            if ip:
+                await self.redis.eval("if (tonumber(redis.call('GET', KEYS[1]) or '0')) > 0 then "
+                                      "redis.call('DECR', KEYS[1]) end return 0", 1, self._keys("ip", ip)[0])
         except Exception:  # noqa: BLE001
             LIMITER_ERRORS.inc()
-
-
-def client_address(peer: str | None, forwarded_for: str | None, trusted: list) -> str | None:
-    """The caller's address: the last X-Forwarded-For hop when the peer is a trusted proxy (the gateway)."""
-    if peer and forwarded_for:
-        try:
-            addr = ipaddress.ip_address(peer)
-        except ValueError:
-            return peer
-        if any(addr in net for net in trusted):
-            hop = forwarded_for.split(",")[-1].strip()
-            if hop:
-                return hop
-    return peer
 
 
 # -- signing keys -----------------------------------------------------------------------------
@@ -287,10 +298,14 @@ class AuthService:
         self.redis = redis
         self.keys = KeyRing(self.sessions, settings)
         self.limiter = LoginLimiter(redis, settings) if redis is not None else None
+        # Entries outlive every access token and every gateway key cache they could refuse.
+        self.revocations = Revocations(self.sessions, redis, settings.access_ttl_s + settings.revocation_margin_s,
+                                       settings.revocation_sync_s)
 
     # users ------------------------------------------------------------------------------------
     async def create_user(self, email: str, password: str, role: str = "viewer") -> User:
         scopes_for(role)
+        check_password(password, email)
         user = User(id=uuid.uuid4(), email=normalize_email(email),
                     password_hash=await asyncio.to_thread(hash_password, password), role=role, disabled=False)
         try:
@@ -329,10 +344,22 @@ class AuthService:
         if values:
             async with self.sessions.begin() as session:
                 await session.execute(update(User).where(User.id == user.id).values(**values))
-                if disabled:  # a disabled user's sessions end now; access tokens expire on their own
+                if disabled:  # a disabled user's sessions end now
                     await session.execute(update(RefreshToken).where(
                         RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None)).values(revoked_at=now()))
+            if (role is not None and role != user.role) or (disabled and not user.disabled):
+                # Rights follow the account: tokens and keys issued under the old state die everywhere.
+                await self.revocations.revoke(f"user:{user.id}")
         return await self.get_user(user_id)
+
+    async def sign_out_everywhere(self, user_id: str) -> int:
+        """End every session of a user and every access token issued so far."""
+        user = await self.get_user(user_id)
+        async with self.sessions.begin() as session:
+            n = (await session.execute(update(RefreshToken).where(
+                RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None)).values(revoked_at=now()))).rowcount
+        await self.revocations.revoke(f"user:{user.id}")
+        return n
 
     async def admin_exists(self) -> bool:
         async with self.sessions() as session:
@@ -345,6 +372,10 @@ class AuthService:
         if not email or not password:
             return False
         email = normalize_email(email)
+        try:  # the first admin obeys the password rules too: refuse to start with a weak one
+            check_password(password, email, setting="AUTH_BOOTSTRAP_ADMIN_PASSWORD")
+        except AppError as exc:
+            raise RuntimeError(exc.message) from None
         pw_hash = await asyncio.to_thread(hash_password, password)
         async with self.sessions.begin() as session:
             await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('aistack.auth.bootstrap'))"))
@@ -364,25 +395,27 @@ class AuthService:
     async def login(self, email: str, password: str, ip: str | None = None) -> TokenPair:
         email = email.strip().lower()
         if self.limiter:
-            await self.limiter.check(email, ip)
+            await self.limiter.reserve(email, ip)
+        issued = time.time()  # before the read: a revocation after it makes this token stale
         async with self.sessions() as session:
             user = await session.scalar(select(User).where(User.email == email))
         ok = await asyncio.to_thread(verify_password, user.password_hash if user else _DUMMY_HASH, password)
         if not ok or user is None or user.disabled:
             LOGINS.labels("failure").inc()
-            if self.limiter:
-                await self.limiter.failed(email, ip)
             raise AppError(401, "invalid_credentials", "wrong email or password",
                            headers={"WWW-Authenticate": 'Bearer realm="aistack"'})
         if self.limiter:
-            await self.limiter.succeeded(email)
+            await self.limiter.succeeded(email, ip)
         LOGINS.labels("success").inc()
         async with self.sessions.begin() as session:
-            return await self._issue(session, user, uuid.uuid4(), grant="password")
+            return await self._issue(session, user, uuid.uuid4(), grant="password", issued=issued)
 
-    async def _issue(self, session: AsyncSession, user: User, family_id: uuid.UUID, grant: str) -> TokenPair:
+    async def _issue(self, session: AsyncSession, user: User, family_id: uuid.UUID, grant: str,
+                     issued: float) -> TokenPair:
+        """`issued`: when the user row was read; the token's iat, so that a revocation committed
+        after that read always finds the token older than its not-before."""
         scopes = scopes_for(user.role)
-        access = await self.access_token(str(user.id), user.role, scopes)
+        access = await self.access_token(str(user.id), user.role, scopes, issued=issued, sid=str(family_id))
         refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
         t = now()
         session.add(RefreshToken(id=uuid.uuid4(), token_hash=sha256_hex(refresh), family_id=family_id,
@@ -392,23 +425,27 @@ class AuthService:
         return TokenPair(access, refresh, self.s.access_ttl_s, " ".join(scopes))
 
     async def access_token(self, sub: str, role: str, scopes: list[str], ttl_s: int | None = None,
-                           **extra) -> str:
+                           issued: float | None = None, **extra) -> str:
+        """iat has millisecond precision (a NumericDate may be fractional, RFC 7519): revocation
+        compares it with a not-before time, and a whole second would blur that by up to 1 s."""
         key = await self.keys.active()
-        issued = int(time.time())
-        claims = {"iss": self.s.issuer, "aud": self.s.audience, "sub": sub, "iat": issued, "nbf": issued,
-                  "exp": issued + (ttl_s or self.s.access_ttl_s), "jti": secrets.token_hex(16),
+        issued = round(issued if issued is not None else time.time(), 3)
+        claims = {"iss": self.s.issuer, "aud": self.s.audience, "sub": sub, "iat": issued, "nbf": int(issued),
+                  "exp": int(issued) + (ttl_s or self.s.access_ttl_s), "jti": secrets.token_hex(16),
                   "scope": " ".join(scopes), "role": role, **extra}
         return jwt.encode(claims, key.private_pem, algorithm=key.alg, headers={"kid": key.kid})
 
     async def refresh(self, token: str) -> TokenPair:
         """Rotate: the presented token is spent and a new one issued; a spent token revokes its family."""
-        reused = False
+        reused, family = False, None
+        issued = time.time()
         async with self.sessions.begin() as session:
             row = await session.scalar(select(RefreshToken).where(RefreshToken.token_hash == sha256_hex(token))
                                        .with_for_update())
             if row is None:
                 raise unauthorized("unknown refresh token", "invalid_grant", "invalid_grant")
             if row.used_at is not None or row.revoked_at is not None:
+                family = row.family_id if row.revoked_at is None else None
                 await session.execute(update(RefreshToken).where(
                     RefreshToken.family_id == row.family_id, RefreshToken.revoked_at.is_(None))
                     .values(revoked_at=now()))
@@ -420,7 +457,9 @@ class AuthService:
                 if user is None or user.disabled:
                     raise unauthorized("account disabled", "invalid_grant", "invalid_grant")
                 row.used_at = now()
-                return await self._issue(session, user, row.family_id, grant="refresh_token")
+                return await self._issue(session, user, row.family_id, grant="refresh_token", issued=issued)
+        if family is not None:  # the session is over: its access tokens too
+            await self.revocations.revoke(f"sid:{family}")
         if reused:
             REFRESH_REUSE.inc()
             log.warning("refresh token reuse: family revoked")
@@ -436,16 +475,21 @@ class AuthService:
             if family is not None:
                 await session.execute(update(RefreshToken).where(
                     RefreshToken.family_id == family, RefreshToken.revoked_at.is_(None)).values(revoked_at=now()))
+        if family is not None:  # the session's access tokens die with it, at every gateway
+            await self.revocations.revoke(f"sid:{family}")
 
     async def verify_access(self, token: str) -> Principal:
         """Check an access token against our own published keys (what the gateway does via JWKS)."""
         try:
             header = jwt.get_unverified_header(token)
-        except JWTError:
+        except Exception:  # noqa: BLE001 - any undecodable header is the caller's 401, never a 500
             raise unauthorized("malformed token") from None
-        if header.get("alg") != self.s.signing_alg and header.get("alg") not in keymod.ALGORITHMS:
+        alg, kid = (header.get("alg"), header.get("kid")) if isinstance(header, dict) else (None, None)
+        if not isinstance(alg, str) or alg not in keymod.ALGORITHMS:
             raise unauthorized("token algorithm not allowed")
-        key = await self.keys.public_key(str(header.get("kid")))
+        if not isinstance(kid, str):
+            raise unauthorized("token has no kid")
+        key = await self.keys.public_key(kid)
         if key is None:
             raise unauthorized("unknown signing key")
         try:
@@ -458,14 +502,36 @@ class AuthService:
             raise unauthorized("token expired") from None
         except (JWTClaimsError, JWTError) as exc:
             raise unauthorized(f"invalid token: {exc}") from None
-        return Principal(claims["sub"], "user", claims.get("role", ""), frozenset(claims.get("scope", "").split()),
-                         claims)
+        if not isinstance(claims.get("scope", ""), str) or not isinstance(claims.get("sub"), str):
+            raise unauthorized("invalid token claims")
+        return Principal(claims["sub"], "user", str(claims.get("role", "")),
+                         frozenset(claims.get("scope", "").split()), claims)
+
+    async def current(self, principal: Principal) -> Principal:
+        """A token's principal with the account's current rights: refused when the account is gone,
+        disabled, or revoked the token (logout, role change...); scopes never beyond the current role."""
+        try:
+            user = await self.get_user(principal.sub)
+        except AppError:  # erased (docs/privacy.md): its access tokens die with it
+            raise unauthorized("account disabled") from None
+        if user.disabled:
+            raise unauthorized("account disabled")
+        subjects = [f"user:{user.id}"] + ([f"sid:{principal.claims['sid']}"] if principal.claims.get("sid") else [])
+        iat = principal.claims.get("iat")
+        if not isinstance(iat, (int, float)) or iat < await self.revocations.not_before(*subjects):
+            raise unauthorized("token revoked")
+        scopes = principal.scopes & frozenset(ROLE_SCOPES.get(user.role, ()))
+        return Principal(principal.sub, "user", user.role, scopes, principal.claims)
 
     # API keys ---------------------------------------------------------------------------------
     async def create_api_key(self, name: str, role: str = "service", scopes: list[str] | None = None,
                              expires_in_s: int | None = None, rate_limit_rpm: int | None = None,
                              owner_id: str | None = None) -> tuple[ApiKey, str]:
-        """Returns the stored row and the key itself, which is shown this once and never again."""
+        """Returns the stored row and the key itself, which is shown this once and never again.
+
+        Every key has an owner (a user): the key acts with at most that user's current rights."""
+        if not owner_id:
+            raise AppError(422, "owner_required", "an API key needs an owning user")
         allowed = set(scopes_for(role))
         scopes = list(dict.fromkeys(scopes)) if scopes else sorted(allowed)
         unknown = [s for s in scopes if s not in SCOPES]
@@ -478,7 +544,7 @@ class AuthService:
         key = f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
         t = now()
         row = ApiKey(id=uuid.uuid4(), prefix=prefix, key_hash=sha256_hex(key), name=name,
-                     owner_id=uuid.UUID(owner_id) if owner_id else None, role=role, scopes=scopes,
+                     owner_id=uuid.UUID(str(owner_id)), role=role, scopes=scopes,
                      rate_limit_rpm=rate_limit_rpm, created_at=t,
                      expires_at=t + timedelta(seconds=expires_in_s) if expires_in_s else None)
         async with self.sessions.begin() as session:
@@ -498,8 +564,11 @@ class AuthService:
             row = await session.get(ApiKey, kid)
             if row is None:
                 raise AppError(404, "api_key_not_found", "no such API key")
-            if row.revoked_at is None:
+            newly = row.revoked_at is None
+            if newly:  # the row stays: apikey:<id> must keep mapping to its owner (docs/privacy.md)
                 row.revoked_at = now()
+        if newly:
+            await self.revocations.revoke(f"apikey:{row.id}")
         return row
 
     async def introspect_api_key(self, key: str) -> dict:
@@ -508,19 +577,24 @@ class AuthService:
         parts = key.split("_", 2) if key.startswith(API_KEY_PREFIX) else []
         if len(parts) != 3:
             return inactive
+        answered = round(time.time(), 3)  # before the reads: see Revocations.revoke
         async with self.sessions() as session:
             row = await session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
+            owner = await session.get(User, row.owner_id) if row is not None and row.owner_id else None
         if row is None or not hmac.compare_digest(row.key_hash, sha256_hex(key)):
             return inactive
         t = now()
         if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= t):
             return inactive
+        if owner is None or owner.disabled:  # a key is never more than its owner
+            return inactive
+        role, scopes = effective_rights(row.role, row.scopes, owner.role)
         if row.last_used_at is None or (t - row.last_used_at).total_seconds() >= self.s.api_key_touch_s:
             async with self.sessions.begin() as session:
                 await session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=t))
         return {"active": True, "sub": f"apikey:{row.id}", "key_id": str(row.id), "name": row.name,
-                "role": row.role, "scope": " ".join(row.scopes), "rate_limit_rpm": row.rate_limit_rpm,
-                "exp": int(row.expires_at.timestamp()) if row.expires_at else None}
+                "owner": str(owner.id), "role": role, "scope": " ".join(scopes), "rate_limit_rpm": row.rate_limit_rpm,
+                "exp": int(row.expires_at.timestamp()) if row.expires_at else None, "iat": answered}
 
     async def principal_from_api_key(self, key: str) -> Principal:
         info = await self.introspect_api_key(key)

@@ -31,16 +31,29 @@ class AuthSettings(ServiceSettings):
 
     # API keys: last_used_at is written at most this often per key.
     api_key_touch_s: int = 60
-    # Shared secret the gateway sends to /internal/introspect (header X-Internal-Token); unset: open.
+    # /internal/introspect needs X-Internal-Token: INTERNAL_TOKEN, or this older, separate secret.
+    # With neither set it answers 403 (never open).
     introspection_token: str | None = None
 
     # The first admin, used only while no admin exists.
     bootstrap_admin_email: str | None = None
     bootstrap_admin_password: str | None = None
     allow_registration: bool = False
-    # Peers whose X-Forwarded-For is believed (the gateway); comma-separated CIDRs.
-    trusted_proxies: str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
+    # Peers whose X-Forwarded-For is believed (the gateways' addresses), comma-separated CIDRs;
+    # empty (the default): the TCP peer is the client. `aistack up` sets 127.0.0.1/32.
+    trusted_proxies: str = ""
     default_role: str = "viewer"
+
+    # Revocation (services/auth/revocation.py): entries live access_ttl_s + this margin (which
+    # covers the gateways' API-key cache and clock leeway); Redis re-mirrored from Postgres this often.
+    revocation_margin_s: int = 120
+    revocation_sync_s: float = 2.0
+    # Erasure (docs/privacy.md): a service that did not confirm is retried this often, in the
+    # request (erase_attempts tries) and then by a background loop until it confirms.
+    erase_attempts: int = 3
+    erase_retry_s: float = 5.0
+    # After the freeze, erasure waits this long for requests already past a gateway's check.
+    erase_settle_s: float = 1.0
 
     # Privacy (docs/privacy.md): the owners' internal APIs that export and erase a data subject's
     # data (called with INTERNAL_TOKEN), and the secret salt of the subject hash in erasure records.

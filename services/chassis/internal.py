@@ -3,7 +3,8 @@
 Internal endpoints (`/internal/*`) are never routed by the gateway; each service that serves them
 also demands the header `X-Internal-Token` equal to INTERNAL_TOKEN (one unprefixed setting shared
 by the stack, like DATABASE_URL). Unset, internal endpoints answer 403: they stay closed until an
-operator configures the token (`aistack up` and the test stack generate one).
+operator configures the token (`aistack up` and the test stack generate one), and auth and the
+gateway refuse to start unless they listen on loopback only (`require_internal_token`).
 
 Audit events: a service that performs an admin action appends it to the Redis stream
 `auth:audit:events`, which auth owns and documents (docs/privacy.md): auth consumes it into the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 from typing import Annotated, Any
 
@@ -26,6 +28,24 @@ log = logging.getLogger("aistack.audit")
 INTERNAL_HEADER = "X-Internal-Token"
 AUDIT_STREAM = "auth:audit:events"
 AUDIT_MAXLEN = 100_000
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def require_internal_token(settings) -> None:
+    """Refuse to start without INTERNAL_TOKEN, except in development: a service bound to a
+    loopback address only, or AISTACK_ENV=development. Without the token the internal endpoints
+    would stay closed (403) and the stack half-broken; better to say so at start."""
+    if getattr(settings, "internal_token", None):
+        return
+    if os.environ.get("AISTACK_ENV", "").lower() in ("development", "dev", "test"):
+        return
+    if getattr(settings, "host", "") in LOOPBACK_HOSTS:
+        log.warning("INTERNAL_TOKEN is not set: internal endpoints answer 403 (development only)")
+        return
+    raise RuntimeError(f"{settings.service_name}: INTERNAL_TOKEN is not set; refusing to start on "
+                       f"{settings.host} (set it to a random secret shared by the stack, as `aistack up` does)")
 
 
 def check_internal_token(expected: str | None, presented: str | None) -> None:

@@ -2,6 +2,8 @@
 rate-limits and proxies through Gateway.handle."""
 from __future__ import annotations
 
+import hmac
+import inspect
 from pathlib import Path
 from urllib.parse import quote
 
@@ -9,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 
 from services.chassis.errors import AppError
+from services.chassis.internal import INTERNAL_HEADER
 
 from .deps import ClientIP, GatewayDep
 from .routes import ROUTES, Route
@@ -36,6 +39,35 @@ async def overview(request: Request, gateway: GatewayDep, ip: ClientIP) -> JSONR
     upstream = gateway.upstream_headers(OVERVIEW_ROUTE, {}, principal, ip)
     doc = await request.app.state.overview.snapshot(upstream)
     return JSONResponse(doc, headers={**limit_headers, "Cache-Control": "no-store"})
+
+
+OPERATOR_ROUTE = Route("/metrics", ("GET",), "gateway", "admin", summary="Operators only")
+# Served by every service for its operators; at the public entry point they are not for everyone.
+OPERATOR_PATHS = frozenset({"/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+def guard_operator_routes(app) -> None:
+    """/metrics and /openapi.json answer only the internal token (Prometheus, the overview) or an
+    admin credential; the interactive docs pages are not served by the gateway at all."""
+    from starlette.routing import Route as StarletteRoute
+
+    guarded = {}
+    for route in list(app.router.routes):
+        if isinstance(route, StarletteRoute) and route.path in OPERATOR_PATHS:
+            app.router.routes.remove(route)
+            guarded[route.path] = route.endpoint
+
+    async def operator(request: Request, gateway: GatewayDep, ip: ClientIP):
+        presented = request.headers.get(INTERNAL_HEADER)
+        expected = request.app.state.settings.internal_token
+        if not (presented and expected and hmac.compare_digest(presented.encode(), expected.encode())):
+            await gateway.principal(OPERATOR_ROUTE, request.headers, ip)
+        handler = guarded[request.url.path]
+        return await (handler(request) if inspect.signature(handler).parameters else handler())
+
+    for path in ("/metrics", "/openapi.json"):
+        if path in guarded:
+            app.add_api_route(path, operator, methods=["GET"], include_in_schema=False)
 
 
 @admin_ui_router.get("/admin")

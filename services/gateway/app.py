@@ -1,24 +1,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
 
 from services.chassis.app import create_service_app
+from services.chassis.clientip import parse_networks
 from services.chassis.clients import http_client
 from services.chassis.errors import AppError
 from services.chassis.health import add_ready_check
+from services.chassis.internal import internal_headers, require_internal_token
 from services.chassis.limits import set_body_limit
 from services.chassis.resources import redis_and_postgres
 from services.chassis.upstream import Proxy, UpstreamPool
 
-from .api import admin_ui_router, overview_router, router
+from .api import admin_ui_router, guard_operator_routes, overview_router, router
 from .overview import Overview, Upstreams
 from .ratelimit import RateLimiter
+from .revocation import RevocationMap
 from .routes import ROUTES
-from .security import ApiKeyVerifier, Authenticator, JWKSCache, TokenVerifier
+from .security import ApiKeyVerifier, Authenticator, FailedAuthLimiter, JWKSCache, TokenVerifier
 from .service import Gateway
 from .settings import GatewaySettings
 
@@ -35,7 +40,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             ("pipeline", s.pipeline_replicas), ("model", s.model_replicas))}
         proxies = {name: Proxy(http, pool, s.retries, s.upstream_timeout_s) for name, pool in pools.items()}
         auth = proxies["auth"]
-        internal = {"X-Internal-Token": s.introspection_token} if s.introspection_token else {}
+        internal = internal_headers(s.introspection_token or s.internal_token)
 
         async def fetch_jwks() -> dict:
             r = await auth.forward("GET", "/.well-known/jwks.json", b"", {"accept": "application/json"},
@@ -53,16 +58,26 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             return r.json()
 
         jwks = JWKSCache(fetch_jwks, s.jwks_cache_s, s.jwks_min_refetch_s)
+        require_internal_token(s)
         async with redis_and_postgres(app, s, postgres=False):
-            tokens = TokenVerifier(jwks, s.jwt_issuer, s.jwt_audience, s.algorithms, s.jwt_leeway_s)
+            revocations = RevocationMap(app.state.redis, s.revocation_grace_s)
+            follower = asyncio.create_task(revocations.run())
+            with contextlib.suppress(TimeoutError):  # Redis late: requests fail closed until it is up
+                await asyncio.wait_for(revocations.ready.wait(), 5.0)
+            tokens = TokenVerifier(jwks, s.jwt_issuer, s.jwt_audience, s.algorithms, s.jwt_leeway_s, revocations)
             api_keys = ApiKeyVerifier(app.state.redis, introspect, s.api_key_cache_ttl_s,
-                                      s.api_key_negative_cache_ttl_s)
+                                      s.api_key_negative_cache_ttl_s, revocations)
+            failures = FailedAuthLimiter(app.state.redis, s.auth_failures_per_minute)
             limiter = RateLimiter(app.state.redis, s.rate_limit_fail_open)
-            app.state.gateway = Gateway(s, proxies, Authenticator(tokens, api_keys), limiter)
+            app.state.revocations = revocations
+            app.state.gateway = Gateway(s, proxies, Authenticator(tokens, api_keys, failures), limiter)
             app.state.orchestrator = proxies["orchestrator"]
             app.state.jwks = jwks
             for name in ("orchestrator", "auth"):
                 add_ready_check(app, name, _pool_check(pools[name]))
+            # /ready is public here: its reasons name no address (the logs have the detail).
+            for name, check in list(app.state.ready_checks.items()):
+                app.state.ready_checks[name] = _opaque(name, check)
             # Warm the key cache; auth may start later, then the first request fetches.
             warm = asyncio.create_task(jwks.refresh("startup"))
             app.state.overview = _overview(app, s, http, pools, proxies)
@@ -72,6 +87,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             finally:
                 warm.cancel()
                 scraper.cancel()
+                follower.cancel()
                 await http.aclose()
 
     app = create_service_app(settings, title="aistack gateway",
@@ -84,6 +100,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.include_router(admin_ui_router)
         app.mount("/admin/assets", StaticFiles(directory=STATIC_DIR), name="admin-assets")
     app.include_router(router)
+    guard_operator_routes(app)
+    app.state.trusted_proxies = parse_networks(settings.trusted_proxies)
     for route in ROUTES:  # streamed uploads (batch-inference files) have their own, larger cap
         if route.stream_body:
             set_body_limit(app, route.path, settings.max_upload_bytes)
@@ -124,6 +142,16 @@ def json_bytes(doc) -> bytes:
     import json
 
     return json.dumps(doc).encode()
+
+
+def _opaque(name: str, check):
+    async def opaque():
+        try:
+            await check()
+        except Exception as exc:  # noqa: BLE001 - any failure: not ready, reason logged only
+            logging.getLogger("aistack.gateway").warning("not ready: %s: %s", name, exc)
+            raise RuntimeError("unavailable") from None
+    return opaque
 
 
 def _pool_check(pool: UpstreamPool):

@@ -4,26 +4,25 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from services.chassis.clientip import client_address
 from services.chassis.upstream import Proxy
 
 from .service import Gateway
 
 
-def _gateway(request: Request) -> Gateway:
+# Dependencies are async: a plain def costs a thread-pool hop per request (issue 18).
+async def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def _orchestrator(request: Request) -> Proxy:
+async def _orchestrator(request: Request) -> Proxy:
     return request.app.state.gateway.proxies["orchestrator"]
 
 
-def client_ip(request: Request) -> str:
-    settings = request.app.state.settings
-    if settings.trust_forwarded_for:
-        forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
-        if forwarded:
-            return forwarded
-    return request.client.host if request.client else ""
+async def client_ip(request: Request) -> str:
+    """The chassis's one rule (right-most untrusted X-Forwarded-For), with GATEWAY_TRUSTED_PROXIES."""
+    peer = request.client.host if request.client else None
+    return client_address(peer, request.headers.get("x-forwarded-for"), request.app.state.trusted_proxies) or ""
 
 
 GatewayDep = Annotated[Gateway, Depends(_gateway)]

@@ -50,6 +50,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/auth/logout", ("POST",), "auth", None, forward_credentials=True, summary="Log out"),
     Route("/v1/auth/register", ("POST",), "auth", None, forward_credentials=True, summary="Self-registration"),
     Route("/v1/auth/me", ("GET",), "auth", "", forward_credentials=True, summary="The caller"),
+    Route("/v1/auth/logout-all", ("POST",), "auth", "", forward_credentials=True,
+          summary="Sign out everywhere (every session and access token)"),
     # privacy (docs/privacy.md): any authenticated caller, about their own data
     Route("/v1/me/export", ("GET",), "auth", "", forward_credentials=True,
           summary="Export everything stored about the caller"),

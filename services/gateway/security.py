@@ -1,11 +1,14 @@
 """Who is calling: access tokens verified locally against auth's JWKS (cached, no call to auth per
-request), API keys through auth's introspection cached in Redis for a short TTL."""
+request), API keys through auth's introspection cached in Redis for a short TTL; both checked against
+auth's revocations held in memory (revocation.py), and failed attempts limited per client address
+before any lookup (FailedAuthLimiter)."""
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,14 +38,25 @@ class Principal:
     role: str
     scopes: frozenset[str]
     rate_limit_rpm: int | None = None
+    owner: str | None = None  # the user an API key belongs to (the user itself for a user)
 
     @property
     def rate_key(self) -> str:
         return f"{self.kind}:{self.sub}"
 
 
+_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
+
+
+def header_safe(text: str, limit: int = 200) -> str:
+    """A value fit for a quoted-string in a header: printable ASCII, no quote or backslash (RFC 6750
+    allows only %x20-21 / %x23-5B / %x5D-7E in error_description); anything else becomes '?'."""
+    return _UNSAFE.sub("?", text)[:limit]
+
+
 def unauthorized(message: str, error: str | None = "invalid_token") -> AppError:
-    challenge = 'Bearer realm="aistack"' + (f', error="{error}", error_description="{message}"' if error else "")
+    challenge = 'Bearer realm="aistack"' + (
+        f', error="{error}", error_description="{header_safe(message)}"' if error else "")
     return AppError(401, "unauthorized", message, headers={"WWW-Authenticate": challenge})
 
 
@@ -99,8 +113,10 @@ class JWKSCache:
 
 
 class TokenVerifier:
-    def __init__(self, jwks: JWKSCache, issuer: str, audience: str, algorithms: list[str], leeway_s: int = 10):
+    def __init__(self, jwks: JWKSCache, issuer: str, audience: str, algorithms: list[str], leeway_s: int = 10,
+                 revocations=None):
         self.jwks, self.issuer, self.audience, self.leeway_s = jwks, issuer, audience, leeway_s
+        self.revocations = revocations
         self.algorithms = frozenset(algorithms) & SUPPORTED_ALGORITHMS
         self.options = {"leeway": leeway_s, "require_exp": True, "require_iat": True, "require_nbf": True,
                         "require_iss": True, "require_aud": True, "require_sub": True, "require_jti": True}
@@ -108,11 +124,13 @@ class TokenVerifier:
     def _header(self, token: str) -> tuple[str, str]:
         try:
             header = jwt.get_unverified_header(token)
-        except JWTError:
+        except Exception:  # noqa: BLE001 - whatever the bytes, a bad header is the caller's 401
             raise unauthorized("malformed token") from None
+        if not isinstance(header, dict):
+            raise unauthorized("malformed token header")
         alg, kid = header.get("alg"), header.get("kid")
-        if alg not in self.algorithms:
-            raise unauthorized(f"token algorithm {alg!r} is not allowed")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise unauthorized(f"token algorithm {str(alg)[:40]!r} is not allowed")
         if not kid or not isinstance(kid, str):
             raise unauthorized("token has no kid")
         return alg, kid
@@ -138,17 +156,38 @@ class TokenVerifier:
         if key_alg != alg:
             raise unauthorized("token algorithm does not match its key")
         claims = self.decode(token, alg, key)
-        scope = claims.get("scope", "")
+        scope, sub, iat = claims.get("scope", ""), str(claims["sub"]), claims.get("iat")
         if not isinstance(scope, str):
             raise unauthorized("invalid scope claim")
-        return Principal(str(claims["sub"]), "user", str(claims.get("role", "")), frozenset(scope.split()))
+        if not isinstance(iat, (int, float)) or isinstance(iat, bool):
+            raise unauthorized("invalid iat claim")
+        self.check_revoked(sub, claims.get("sid"), iat)
+        return Principal(sub, "user", str(claims.get("role", "")), frozenset(scope.split()), owner=sub)
+
+    def check_revoked(self, sub: str, sid, iat: float) -> None:
+        """Issued before its user's or its session's not-before (logout, disable, role change...)."""
+        if self.revocations is None:
+            return
+        subjects = (f"user:{sub}", f"sid:{sid}") if isinstance(sid, str) else (f"user:{sub}",)
+        if iat < self.revocations.not_before(*subjects):
+            raise unauthorized("token revoked")
 
 
 class ApiKeyVerifier:
     """Introspection answers cached in Redis (gateway:apikey:<sha256>) for ttl_s; misses for neg_ttl_s."""
 
-    def __init__(self, redis, introspect: Callable[[str], Awaitable[dict]], ttl_s: float, neg_ttl_s: float):
+    def __init__(self, redis, introspect: Callable[[str], Awaitable[dict]], ttl_s: float, neg_ttl_s: float,
+                 revocations=None):
         self.redis, self.introspect, self.ttl_s, self.neg_ttl_s = redis, introspect, ttl_s, neg_ttl_s
+        self.revocations = revocations
+
+    def _stale(self, info: dict) -> bool:
+        """A cached answer older than its key's or its owner's latest revocation must be asked again."""
+        if self.revocations is None or not info.get("active"):
+            return False
+        subjects = [f"apikey:{info.get('key_id')}"] + ([f"user:{info['owner']}"] if info.get("owner") else [])
+        answered = info.get("iat")
+        return not isinstance(answered, (int, float)) or answered < self.revocations.not_before(*subjects)
 
     async def verify(self, key: str) -> Principal:
         if not key.startswith(API_KEY_PREFIX) or len(key) > 200:
@@ -159,13 +198,19 @@ class ApiKeyVerifier:
             raw = await self.redis.get(cache_key)
             if raw is not None:
                 info = json.loads(raw)
-                APIKEY_CACHE.labels("hit").inc()
+                if self._stale(info):
+                    APIKEY_CACHE.labels("revoked").inc()
+                    info = None
+                else:
+                    APIKEY_CACHE.labels("hit").inc()
         except Exception as exc:  # noqa: BLE001
             APIKEY_CACHE.labels("error").inc()
             log.warning("API key cache unavailable: %s", exc)
         if info is None:
             APIKEY_CACHE.labels("miss").inc()
             info = await self.introspect(key)
+            if self._stale(info):  # revoked while auth answered: only the next answer counts
+                info = await self.introspect(key)
             ttl = self.ttl_s if info.get("active") else self.neg_ttl_s
             if info.get("active") and info.get("exp"):
                 ttl = max(0.001, min(ttl, info["exp"] - time.time()))
@@ -175,8 +220,11 @@ class ApiKeyVerifier:
                 pass
         if not info.get("active"):
             raise unauthorized("invalid, expired or revoked API key")
+        if not info.get("owner"):  # every key has an owner (issue 13); an older answer without one is refused
+            raise unauthorized("API key has no owner")
         return Principal(str(info["sub"]), "api_key", str(info.get("role", "")),
-                         frozenset(str(info.get("scope", "")).split()), info.get("rate_limit_rpm"))
+                         frozenset(str(info.get("scope", "")).split()), info.get("rate_limit_rpm"),
+                         owner=str(info["owner"]))
 
 
 def credentials(headers) -> str | None:
@@ -187,21 +235,66 @@ def credentials(headers) -> str | None:
     return headers.get("x-api-key") or None
 
 
-class Authenticator:
-    def __init__(self, tokens: TokenVerifier, api_keys: ApiKeyVerifier):
-        self.tokens, self.api_keys = tokens, api_keys
+# INCR, starting the window on the first failure (EXPIRE NX needs Redis 7); returns {count, ttl}.
+_COUNT_FAILURE = ("local n = redis.call('INCR', KEYS[1]) if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end "
+                  "return {n, redis.call('TTL', KEYS[1])}")
 
-    async def authenticate(self, headers) -> Principal:
+
+class FailedAuthLimiter:
+    """Failed authentications per client address, counted in Redis (shared by the replicas) in a
+    fixed window; an address over the limit is refused from memory, before any lookup at auth.
+
+    The success path costs nothing: only a failure touches Redis."""
+
+    def __init__(self, redis, limit: int, window_s: int = 60, prefix: str = "gateway:authfail:"):
+        self.redis, self.limit, self.window_s, self.prefix = redis, limit, window_s, prefix
+        self.blocked: dict[str, float] = {}  # address -> monotonic time the block ends
+
+    def check(self, address: str) -> None:
+        until = self.blocked.get(address)
+        if until is None:
+            return
+        left = until - time.monotonic()
+        if left <= 0:
+            self.blocked.pop(address, None)
+            return
+        AUTH_RESULTS.labels("any", "throttled").inc()
+        raise AppError(429, "too_many_failed_authentications",
+                       "too many failed authentications from this address; try again later",
+                       {"retry_after_s": int(left) + 1}, headers={"Retry-After": str(int(left) + 1)})
+
+    async def failed(self, address: str) -> None:
+        key = self.prefix + hashlib.sha256(address.encode()).hexdigest()[:32]
+        try:
+            count, ttl = await self.redis.eval(_COUNT_FAILURE, 1, key, self.window_s)
+        except Exception as exc:  # noqa: BLE001 - count locally then
+            log.warning("failed-auth counter unavailable: %s", exc)
+            count, ttl = self.limit, self.window_s
+        if count >= self.limit:
+            if len(self.blocked) > 100_000:  # bounded memory under a spray of addresses
+                self.blocked.clear()
+            self.blocked[address] = time.monotonic() + max(1, ttl if ttl and ttl > 0 else self.window_s)
+
+
+class Authenticator:
+    def __init__(self, tokens: TokenVerifier, api_keys: ApiKeyVerifier, failures: FailedAuthLimiter | None = None):
+        self.tokens, self.api_keys, self.failures = tokens, api_keys, failures
+
+    async def authenticate(self, headers, client_ip: str = "") -> Principal:
         token = credentials(headers)
         if not token:
             AUTH_RESULTS.labels("none", "missing").inc()
             raise unauthorized("missing credentials: send Authorization: Bearer <token> or X-API-Key",
                                error=None)
+        if self.failures is not None and client_ip:
+            self.failures.check(client_ip)
         method = "api_key" if token.startswith(API_KEY_PREFIX) else "jwt"
         try:
             principal = await (self.api_keys.verify(token) if method == "api_key" else self.tokens.verify(token))
         except AppError as exc:
             AUTH_RESULTS.labels(method, "rejected" if exc.status == 401 else "error").inc()
+            if exc.status == 401 and self.failures is not None and client_ip:
+                await self.failures.failed(client_ip)
             raise
         AUTH_RESULTS.labels(method, "ok").inc()
         return principal

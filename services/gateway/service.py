@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from services.chassis.errors import AppError
 from services.chassis.upstream import HOP_BY_HOP, Proxy
@@ -12,9 +13,19 @@ from .routes import Route
 from .security import Authenticator, Principal
 
 # Headers a client may not set: the gateway alone says who the principal is.
-PRINCIPAL_HEADERS = ("x-principal", "x-principal-scopes", "x-principal-role", "x-principal-kind")
+PRINCIPAL_HEADERS = ("x-principal", "x-principal-scopes", "x-principal-role", "x-principal-kind",
+                     "x-principal-owner")
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "cookie")
 RESPONSE_DROP = HOP_BY_HOP | {"content-encoding", "date", "server"}
+
+
+def public_location(value: str) -> str:
+    """An upstream's redirect names its own (internal) address: keep only the path and query, which
+    the client resolves against the gateway (RFC 9110 allows a relative Location)."""
+    parts = urlsplit(value)
+    if not parts.scheme and not parts.netloc:
+        return value
+    return urlunsplit(("", "", parts.path or "/", parts.query, parts.fragment))
 
 
 @dataclass
@@ -34,7 +45,7 @@ class Gateway:
     async def principal(self, route: Route, headers, client_ip: str) -> Principal:
         if route.scope is None:
             return Principal(client_ip or "unknown", "anonymous", "anonymous", frozenset())
-        principal = await self.authn.authenticate(headers)
+        principal = await self.authn.authenticate(headers, client_ip)
         if route.scope and route.scope not in principal.scopes:
             raise AppError(403, "insufficient_scope", f"this route needs scope {route.scope!r}",
                            {"required": route.scope, "granted": sorted(principal.scopes)},
@@ -82,7 +93,9 @@ class Gateway:
         out = {k: v for k, v in headers.items() if k.lower() not in drop and k.lower() not in HOP_BY_HOP}
         if principal.kind != "anonymous":
             out.update({"X-Principal": principal.sub, "X-Principal-Scopes": " ".join(sorted(principal.scopes)),
-                        "X-Principal-Role": principal.role, "X-Principal-Kind": principal.kind})
+                        "X-Principal-Role": principal.role, "X-Principal-Kind": principal.kind,
+                        # The subject a key's data belongs to (docs/privacy.md): the user for a user.
+                        "X-Principal-Owner": principal.owner or principal.sub})
         if client_ip:
             out["X-Forwarded-For"] = client_ip
         return out
@@ -103,6 +116,8 @@ class Gateway:
         upstream_ms = (time.perf_counter() - before) * 1000
         out = {k: v for k, v in upstream.headers.items()
                if k.lower() not in RESPONSE_DROP and k.lower() != "server-timing"}
+        if "location" in {k.lower() for k in out}:
+            out = {k: (public_location(v) if k.lower() == "location" else v) for k, v in out.items()}
         out.update(limit_headers)
         gateway_ms = (time.perf_counter() - start) * 1000 - upstream_ms
         timing = f"gateway;dur={gateway_ms:.1f}, auth;dur={auth_ms:.1f}"

@@ -47,7 +47,14 @@ class GatewaySettings(ServiceSettings):
     # API keys: introspection answers cached in Redis; a revocation takes effect within this TTL.
     api_key_cache_ttl_s: float = 30.0
     api_key_negative_cache_ttl_s: float = 5.0
+    # Sent to auth's /internal/introspect; unset: INTERNAL_TOKEN (the stack's shared secret).
     introspection_token: str | None = None
+    # Auth's revocations (docs/security.md) are followed over Redis pub/sub; if the subscription
+    # has been down this long, authenticated requests answer 503 (fail closed).
+    revocation_grace_s: float = 3.0
+    # Failed authentications (bad token, bad or revoked key) per client address per minute, shared
+    # by the replicas; over it the address gets 429 before any lookup at auth.
+    auth_failures_per_minute: int = 30
 
     # Token-bucket rate limits per principal, global across replicas (Redis).
     rate_limit_enabled: bool = True
@@ -71,8 +78,12 @@ class GatewaySettings(ServiceSettings):
     # Serve the admin web page at /admin/.
     admin_ui: bool = True
 
-    # Believe a client's X-Forwarded-For (only behind a trusted load balancer).
-    trust_forwarded_for: bool = False
+    # Load balancers in front of the gateway whose X-Forwarded-For is believed, comma-separated
+    # CIDRs; empty (the default): the TCP peer is the client. The client address is the right-most
+    # X-Forwarded-For entry that is not one of these (services/chassis/clientip.py).
+    trusted_proxies: str = ""
+    # Operators may read /metrics with X-Internal-Token (Prometheus) or an admin credential;
+    # API docs (/docs, /openapi.json) are served to admins only. Nothing of it is public.
 
     @property
     def orchestrator_replicas(self) -> list[str]:

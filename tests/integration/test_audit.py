@@ -48,7 +48,7 @@ async def test_auth_admin_actions_are_recorded_with_actor_and_time(client):
     h = await admin_headers(client)
     me = (await client.get("/v1/auth/me", headers=h)).json()
     email = f"a{secrets.token_hex(3)}@example.test"
-    user = (await client.post("/admin/users", json={"email": email, "password": "password-123"}, headers=h)).json()
+    user = (await client.post("/admin/users", json={"email": email, "password": "lantern-orbit-7731"}, headers=h)).json()
     await client.patch(f"/admin/users/{user['id']}", json={"role": "developer"}, headers=h)
     key = (await client.post("/admin/api-keys", json={"name": "ci"}, headers=h)).json()
     await client.delete(f"/admin/api-keys/{key['id']}", headers=h)
@@ -100,8 +100,8 @@ async def test_other_services_events_arrive_through_the_stream_once(client, priv
 async def test_reading_needs_admin_and_the_internal_endpoint_needs_the_token(client):
     h = await admin_headers(client)
     email = f"v{secrets.token_hex(3)}@example.test"
-    await client.post("/admin/users", json={"email": email, "password": "password-123", "role": "viewer"}, headers=h)
-    viewer = bearer((await login(client, email, "password-123")).json())
+    await client.post("/admin/users", json={"email": email, "password": "lantern-orbit-7731", "role": "viewer"}, headers=h)
+    viewer = bearer((await login(client, email, "lantern-orbit-7731")).json())
     assert (await client.get("/admin/audit", headers=viewer)).status_code == 403
     event = {"service": "features", "actor": "u-9", "action": "pii.rotate", "target": "people"}
     assert (await client.post("/internal/audit", json=event)).status_code == 403

@@ -17,6 +17,8 @@ from services.chassis.clients import asyncpg_url
 from tests.conftest import schema_database
 
 ADMIN_EMAIL, ADMIN_PASSWORD = "root@example.test", "correct horse battery"
+INTERNAL_TOKEN = secrets.token_urlsafe(24)
+INTERNAL = {"X-Internal-Token": INTERNAL_TOKEN}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,8 @@ def auth_settings(database_url: str, redis_url: str, **kw) -> AuthSettings:
     base = {"database_url": database_url, "redis_url": redis_url, "ready_max_cpu_percent": 100,
                 "ready_max_memory_percent": 100, "bootstrap_admin_email": ADMIN_EMAIL,
                 "bootstrap_admin_password": ADMIN_PASSWORD, "login_max_failures_per_account": 3,
-                "login_max_failures_per_ip": 50, "key_cache_s": 0.0}
+                "login_max_failures_per_ip": 50, "key_cache_s": 0.0, "internal_token": INTERNAL_TOKEN,
+                "erase_settle_s": 0.0}
     base.update(kw)
     return AuthSettings(**base)
 
@@ -52,7 +55,7 @@ def bearer(tokens: dict) -> dict:
     return {"Authorization": f"Bearer {tokens['access_token']}"}
 
 
-async def new_user(c, admin_headers, role="developer", password="password-123") -> tuple[str, str]:
+async def new_user(c, admin_headers, role="developer", password="lantern-orbit-7731") -> tuple[str, str]:
     email = f"u{secrets.token_hex(4)}@example.test"
     r = await c.post("/admin/users", json={"email": email, "password": password, "role": role}, headers=admin_headers)
     assert r.status_code == 201, r.text
@@ -142,7 +145,7 @@ async def test_wrong_password_is_401_and_repeated_failures_lock_the_account(clie
 
 async def test_per_address_limit_locks_out_a_client_address(auth_db, redis_url):
     app = create_app(auth_settings(auth_db, redis_url, login_max_failures_per_ip=4,
-                                   login_max_failures_per_account=100))
+                                   login_max_failures_per_account=100, trusted_proxies="127.0.0.1/32"))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app, client=("127.0.0.1", 5000)),
                                      base_url="http://auth") as c:
@@ -186,7 +189,7 @@ async def test_admin_lists_sets_role_and_disables_users(client):
 
 
 async def test_self_registration_is_off_by_default(client):
-    r = await client.post("/v1/auth/register", json={"email": "me@example.test", "password": "password-123"})
+    r = await client.post("/v1/auth/register", json={"email": "me@example.test", "password": "lantern-orbit-7731"})
     assert r.status_code == 403
 
 
@@ -200,13 +203,13 @@ async def test_api_key_shown_once_introspected_and_revoked(client):
     assert key.startswith("ak_" + created["prefix"] + "_")
     listed = (await client.get("/admin/api-keys", headers=admin)).json()
     assert all("key" not in k for k in listed) and any(k["id"] == created["id"] for k in listed)
-    info = (await client.post("/internal/introspect", json={"api_key": key})).json()
+    info = (await client.post("/internal/introspect", json={"api_key": key}, headers=INTERNAL)).json()
     assert info["active"] and info["scope"] == "predict" and info["role"] == "service"
     listed = (await client.get("/admin/api-keys", headers=admin)).json()
     assert next(k for k in listed if k["id"] == created["id"])["last_used_at"]
-    assert not (await client.post("/internal/introspect", json={"api_key": key + "x"})).json()["active"]
+    assert not (await client.post("/internal/introspect", json={"api_key": key + "x"}, headers=INTERNAL)).json()["active"]
     assert (await client.delete(f"/admin/api-keys/{created['id']}", headers=admin)).status_code == 200
-    assert not (await client.post("/internal/introspect", json={"api_key": key})).json()["active"]
+    assert not (await client.post("/internal/introspect", json={"api_key": key}, headers=INTERNAL)).json()["active"]
 
 
 async def test_api_key_scopes_cannot_exceed_its_role(client):
@@ -219,7 +222,7 @@ async def test_expired_api_key_is_inactive(client):
     admin = bearer((await login(client)).json())
     key = (await client.post("/admin/api-keys", json={"name": "short", "expires_in_s": 1}, headers=admin)).json()["key"]
     deadline = time.monotonic() + 30
-    while (await client.post("/internal/introspect", json={"api_key": key})).json()["active"]:
+    while (await client.post("/internal/introspect", json={"api_key": key}, headers=INTERNAL)).json()["active"]:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.2)
 
