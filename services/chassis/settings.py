@@ -20,9 +20,13 @@ class ServiceSettings(BaseSettings):
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("database_url", "DATABASE_URL")
     )
-    # Readiness thresholds: a saturated node should stop taking traffic before it falls over.
-    ready_max_cpu_percent: float = 95.0
-    ready_max_memory_percent: float = 95.0
+    # Load shedding and readiness (services/chassis/health.py, docs/deploy.md): requests beyond
+    # max_inflight get 503 + Retry-After (0: no limit); /ready answers 503 only after shedding
+    # without a break for saturation_enter_s, and again 200 after saturation_exit_s without one.
+    # Host CPU/memory are never readiness reasons (busy replicas leaving the pool cascade).
+    max_inflight: int = 512
+    saturation_enter_s: float = 30.0
+    saturation_exit_s: float = 10.0
     ready_check_timeout_s: float = 2.0
     http_timeout_s: float = 10.0
     # Largest request body a service reads (services/chassis/limits.py); larger ones get 413.

@@ -19,8 +19,11 @@ def up(
     host: str = typer.Option("127.0.0.1", help="Interface the services listen on."),
     worker: bool = typer.Option(True, help="Start a Celery worker too."),
 ) -> None:
-    """Start the whole stack as local processes; Ctrl-C stops everything."""
-    from .stack import Stack
+    """Start the whole stack as local processes; Ctrl-C (or `aistack down`) stops everything.
+
+    One stack per data dir: a second `up` on the same dir exits at once naming the running one.
+    """
+    from .stack import Stack, StackError
 
     stack = Stack(data_dir.resolve(), database_url=os.environ.get("DATABASE_URL"),
                   redis_url=os.environ.get("REDIS_URL"), host=host, worker=worker)
@@ -28,7 +31,11 @@ def up(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     typer.echo("starting aistack ...")
-    stack.start()
+    try:
+        stack.start()
+    except StackError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"postgres: {_redact(stack.database_url)}\nredis:    {stack.redis_url}")
     for name in ("gateway", "auth", "orchestrator", "model", "features", "pipeline"):
         typer.echo(f"{name:<13} {stack.url(name)}")
@@ -50,6 +57,92 @@ def up(
         typer.echo("stopping ...")
         stack.stop()
         typer.echo("stopped.")
+
+
+@app.command()
+def status(
+    data_dir: Path = typer.Option(Path("var"), help="The data dir of the stack."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Is a stack running on this data dir: its pid, URLs and each service's /ready."""
+    import json
+
+    import httpx
+
+    from .stack import running_stack
+
+    info = running_stack(data_dir.resolve())
+    if info is None:
+        typer.echo(json.dumps({"running": False}) if as_json else f"aistack is not running on {data_dir.resolve()}")
+        raise typer.Exit(3)  # LSB: program is not running
+    ready = {}
+    with httpx.Client(timeout=2.0) as client:
+        for name, url in (info.get("urls") or {}).items():
+            try:
+                ready[name] = "ready" if client.get(f"{url}/ready").status_code == 200 else "not ready"
+            except httpx.HTTPError:
+                ready[name] = "unreachable"
+    if as_json:
+        typer.echo(json.dumps({"running": True, **info, "ready": ready}))
+        return
+    typer.echo(f"aistack is running on {info.get('data_dir', data_dir.resolve())} (pid {info.get('pid')})")
+    for name, url in (info.get("urls") or {}).items():
+        typer.echo(f"{name:<13} {url:<26} {ready.get(name, '')}")
+    typer.echo(f"logs in {info.get('logs')}")
+
+
+@app.command()
+def down(
+    data_dir: Path = typer.Option(Path("var"), help="The data dir of the stack."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for it to stop."),
+) -> None:
+    """Stop the stack running on this data dir (the `aistack up` that owns it stops its own servers)."""
+    import time
+
+    from .stack import running_stack
+
+    info = running_stack(data_dir.resolve())
+    if info is None:
+        typer.echo(f"aistack is not running on {data_dir.resolve()}")
+        return
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        typer.echo(f"{data_dir.resolve()} is locked by a process that did not say its pid", err=True)
+        raise typer.Exit(1)
+    os.kill(pid, signal.SIGTERM)
+    typer.echo(f"stopping aistack (pid {pid}) ...")
+    deadline = time.monotonic() + timeout
+    while running_stack(data_dir.resolve()) is not None:
+        if time.monotonic() > deadline:
+            typer.echo(f"pid {pid} still runs after {timeout:.0f}s", err=True)
+            raise typer.Exit(1)
+        time.sleep(0.2)
+    typer.echo("stopped.")
+
+
+@app.command()
+def logs(
+    data_dir: Path = typer.Option(Path("var"), help="The data dir of the stack."),
+    service: list[str] = typer.Option(None, "--service", "-s", help="Only this service (repeatable)."),
+    trace_id: str = typer.Option(None, "--trace-id", "-t", help="Only lines of this trace."),
+    follow_: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON lines as they are."),
+) -> None:
+    """The services' logs of a local stack merged in time order (one trace across services)."""
+    import json
+
+    from .logs import follow, merged
+
+    logs_dir = data_dir.resolve() / "logs"
+    if not logs_dir.is_dir():
+        typer.echo(f"no logs in {logs_dir}", err=True)
+        raise typer.Exit(1)
+    lines = follow(logs_dir, service, trace_id) if follow_ else merged(logs_dir, service, trace_id)
+    try:
+        for line in lines:
+            typer.echo(json.dumps(line.record) if as_json else line.render())
+    except KeyboardInterrupt:
+        pass
 
 
 def _redact(url: str | None) -> str:

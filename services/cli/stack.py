@@ -6,8 +6,10 @@ models, starts every service and a Celery worker, and waits until each /ready sa
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,32 @@ import httpx
 
 DEFAULT_PORTS = {"gateway": 8000, "auth": 8001, "orchestrator": 8002, "model": 8003, "features": 8004,
                  "pipeline": 9100}
+LOCK_FILE = "aistack.lock"  # in the data dir: flock held by the running `aistack up`, JSON about it
+
+
+class StackError(RuntimeError):
+    """A start-up refusal with a one-line reason for the user (no traceback)."""
+
+
+class PortInUse(StackError):
+    pass
+
+
+def stack_lock(data_dir: Path):
+    from services.chassis.embedded import DirLock
+
+    return DirLock(data_dir / LOCK_FILE)
+
+
+def running_stack(data_dir: Path) -> dict | None:
+    """What the `aistack up` that owns data_dir wrote about itself (pid, urls), or None."""
+    return stack_lock(data_dir).owner()
+
+
+def describe_owner(data_dir: Path, info: dict) -> str:
+    urls = info.get("urls") or {}
+    where = f"; gateway {urls['gateway']}" if "gateway" in urls else ""
+    return f"aistack is already running on {data_dir} (pid {info.get('pid', '?')}{where})"
 
 
 @dataclass
@@ -47,6 +75,7 @@ class Stack:
     worker: bool = True
     procs: list[Proc] = field(default_factory=list)
     _embedded: list = field(default_factory=list)
+    _lock: object = None
     # The first admin (AUTH_BOOTSTRAP_ADMIN_*); when none is given, a development admin with a
     # random password, printed once by start(). Auth uses it only while no admin exists.
     admin_email: str | None = None
@@ -61,7 +90,23 @@ class Stack:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, ready_timeout: float = 180.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Take the data dir, start everything, wait until ready.
+
+        Raises StackError, having touched nothing, when another `aistack up` owns the data dir
+        (DataDirBusy) or a service port is taken (PortInUse).
+        """
+        from services.chassis.embedded import DataDirBusy
+
+        self._lock = stack_lock(self.data_dir)
+        try:
+            self._lock.acquire(self.describe())
+        except DataDirBusy as exc:
+            raise StackError(describe_owner(self.data_dir, exc.info)) from None
+        try:
+            self._check_ports()
+        except BaseException:
+            self._lock.release()
+            raise
         generated = self._admin_credentials()
         try:
             self._start_datastores()
@@ -76,9 +121,28 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+        self._lock.write(self.describe())
         if generated:
             print(f"development admin: {self.admin_email}  password: {self.admin_password}\n"
                   "(shown once; valid only if the database had no admin yet)", flush=True)
+
+    def describe(self) -> dict:
+        """What `aistack status` and a refused second run say about this stack."""
+        return {"pid": os.getpid(), "data_dir": str(self.data_dir), "started": time.time(),
+                "urls": {name: self.url(name) for name in self.ports},
+                "logs": str(self.data_dir / "logs"), "admin_email": self.admin_email}
+
+    def _check_ports(self) -> None:
+        for name, port in self.ports.items():
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((self.host, port))
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    raise PortInUse(f"port {port} ({name}) on {self.host} is already in use; stop what "
+                                    f"listens there or run `aistack status` to see a running stack") from None
 
     def _admin_credentials(self) -> bool:
         """Admin from AUTH_BOOTSTRAP_ADMIN_EMAIL/PASSWORD, else a generated one; True if generated."""
@@ -125,7 +189,9 @@ class Stack:
             "auth": {"AUTH_BOOTSTRAP_ADMIN_EMAIL": self.admin_email or "",
                      "AUTH_BOOTSTRAP_ADMIN_PASSWORD": self.admin_password or "",
                      "AUTH_ORCHESTRATOR_URL": self.url("orchestrator"), "AUTH_PIPELINE_URL": self.url("pipeline"),
-                     "AUTH_FEATURES_URL": self.url("features")},
+                     "AUTH_FEATURES_URL": self.url("features"),
+                     # The gateway runs on this host: auth believes its X-Forwarded-For, no one else's.
+                     "AUTH_TRUSTED_PROXIES": "127.0.0.1/32,::1/128"},
             "orchestrator": {"ORCHESTRATOR_MODEL_URLS": self.url("model"),
                              "ORCHESTRATOR_FEATURES_URL": self.url("features")},
             "model": {"MODEL_REPOSITORY": str(self.models_dir)},
@@ -197,6 +263,8 @@ class Stack:
         for server in reversed(self._embedded):
             server.stop()
         self._embedded.clear()
+        if self._lock is not None:
+            self._lock.release()
 
 
 def _signal_group(popen: subprocess.Popen | None, sig: int) -> None:

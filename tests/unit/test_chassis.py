@@ -17,8 +17,6 @@ class Item(BaseModel):
 
 
 def make_app(**overrides) -> FastAPI:
-    # CPU saturation of the test machine must not decide these tests; one test sets it on purpose.
-    overrides = {"ready_max_cpu_percent": 100.0, **overrides}
     app = create_service_app(ServiceSettings(service_name="unit", **overrides), title="unit")
 
     @app.post("/items/{item_id}")
@@ -87,10 +85,66 @@ async def test_ready_reports_failing_check_with_reason():
     assert "cannot reach it" in r.json()["error"]["details"]["thing"]
 
 
-async def test_ready_reports_memory_saturation():
-    async with client(make_app(ready_max_memory_percent=0.0)) as c:
-        r = await c.get("/ready")
-    assert r.status_code == 503 and "memory" in r.json()["error"]["details"]
+async def test_busy_host_is_a_health_detail_never_a_readiness_reason(monkeypatch):
+    """Issue 17.1: a node at 100% CPU and 99% memory keeps its replicas in the pool."""
+    import psutil
+
+    from services.chassis import health
+
+    monkeypatch.setattr(health, "_cpu_percent", lambda: 100.0)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"percent": 99.0})())
+    async with client(make_app()) as c:
+        ready = await c.get("/ready")
+        health = (await c.get("/health")).json()
+        metrics = (await c.get("/metrics")).text
+    assert ready.status_code == 200, ready.text
+    assert health["details"]["cpu_percent"] == 100.0 and health["details"]["memory_percent"] == 99.0
+    assert 'aistack_host_cpu_percent{service="unit"} 100.0' in metrics
+
+
+def test_saturation_has_hysteresis():
+    """Not ready only after shedding without a break for enter_s; ready again after exit_s quiet."""
+    from services.chassis.health import Saturation
+
+    now = [0.0]
+    s = Saturation(enter_s=10, exit_s=3, clock=lambda: now[0])
+    for t in range(10):  # a 9 s burst of shedding: still ready
+        now[0] = float(t)
+        s.shed("queue full")
+        assert not s.saturated
+    now[0] = 10.0
+    s.shed("queue full")
+    assert s.saturated  # sustained for 10 s
+    now[0] = 12.0
+    assert s.saturated  # a short pause does not flap
+    now[0] = 13.5
+    assert not s.saturated  # 3.5 s without shedding: back in the pool
+    s.shed("queue full")  # a new burst starts a new episode
+    assert not s.saturated
+
+
+async def test_requests_beyond_max_inflight_are_shed_with_503_and_retry_after():
+    import asyncio
+
+    app = make_app(max_inflight=2)
+    release, entered = asyncio.Event(), []
+
+    @app.get("/slow")
+    async def slow() -> dict:
+        entered.append(1)
+        await release.wait()
+        return {"ok": True}
+
+    async with client(app) as c:
+        held = [asyncio.create_task(c.get("/slow")) for _ in range(2)]
+        while len(entered) < 2:  # both admitted requests are in flight
+            await asyncio.sleep(0.01)
+        shed = await c.get("/slow")
+        assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+        assert shed.json()["error"]["code"] == "overloaded"
+        assert (await c.get("/ready")).status_code == 200  # one burst never takes it out of the pool
+        release.set()
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
 
 
 async def test_metrics_label_routes_by_template():

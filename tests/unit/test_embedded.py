@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 
 import asyncpg
@@ -112,18 +113,49 @@ async def test_postgres_removes_stale_pidfile(tmp_path: pathlib.Path) -> None:
         pg.stop()
 
 
-def test_postgres_adopts_and_stops_a_server_left_running(tmp_path: pathlib.Path) -> None:
+def test_second_owner_of_a_data_dir_is_refused_and_touches_nothing(tmp_path: pathlib.Path) -> None:
+    """Issue 17.2: a second process on a live data dir used to adopt its server, then stop it."""
     first = EmbeddedPostgres(tmp_path / "pg")
     first.start()
-    tree, port = _process_tree(first.pid), first.port
+    first_redis = EmbeddedRedis(tmp_path / "redis")
+    first_redis.start()
+    try:
+        second, second_redis = EmbeddedPostgres(tmp_path / "pg"), EmbeddedRedis(tmp_path / "redis")
+        with pytest.raises(embedded.DataDirBusy) as busy:
+            second.start()
+        assert busy.value.info["pid"] == os.getpid() and busy.value.info["server_pid"] == first.pid
+        with pytest.raises(embedded.DataDirBusy):
+            second_redis.start()
+        second.stop()  # stops nothing: it started nothing
+        second_redis.stop()
+        assert embedded._pid_alive(first.pid) and _port_open(first.port)
+        assert _port_open(first_redis.port)
+    finally:
+        first_redis.stop()
+        first.stop()
 
-    # A new process (say, `aistack up` after a crash) finds the server still running.
-    second = EmbeddedPostgres(tmp_path / "pg")
-    assert second.start() == first.url
-    assert second.pid == first.pid
-    second.stop()
-    _assert_gone(tree, port)
-    first.stop()  # reaps its child, no error
+
+def _orphan(kind: str, data_dir: pathlib.Path) -> tuple[int, int]:
+    """Start a server from a process that is then SIGKILLed, as a crashed `aistack up` leaves it."""
+    code = (f"import sys, time; from services.chassis.embedded import {kind}; s = {kind}(sys.argv[1]); "
+            "s.start(); print(s.pid, s.port, flush=True); time.sleep(600)")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(data_dir)], stdout=subprocess.PIPE, text=True)
+    pid, port = map(int, owner.stdout.readline().split())
+    owner.kill()
+    owner.wait()
+    return pid, port
+
+
+def test_postgres_left_by_a_dead_owner_is_replaced(tmp_path: pathlib.Path) -> None:
+    pid, port = _orphan("EmbeddedPostgres", tmp_path / "pg")
+    tree = _process_tree(pid)
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    pg.start()
+    try:
+        _assert_gone(tree, port)
+        assert pg.pid != pid
+    finally:
+        pg.stop()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the setuid fallback is only used as root")
@@ -167,12 +199,9 @@ def test_redis_serves_and_stops(tmp_path: pathlib.Path) -> None:
     assert not list((tmp_path / "redis").glob("*.rdb"))  # nothing saved
 
 
-def test_redis_ends_a_server_left_running(tmp_path: pathlib.Path) -> None:
-    first = EmbeddedRedis(tmp_path / "redis")
-    first.start()
-    orphan, orphan_port = _process_tree(first.pid), first.port
-
-    # A new process (say, `aistack up` after a crash) starts afresh and ends the orphan.
+def test_redis_ends_a_server_left_by_a_dead_owner(tmp_path: pathlib.Path) -> None:
+    pid, orphan_port = _orphan("EmbeddedRedis", tmp_path / "redis")
+    orphan = _process_tree(pid)
     second = EmbeddedRedis(tmp_path / "redis")
     second.start()
     try:
@@ -183,7 +212,6 @@ def test_redis_ends_a_server_left_running(tmp_path: pathlib.Path) -> None:
     finally:
         tree, port = _process_tree(second.pid), second.port
         second.stop()
-        first.stop()  # reaps its child, no error
     _assert_gone(tree, port)
     assert not second.pid_path.exists()
 
