@@ -64,7 +64,9 @@ def run(app_factory: Callable[[], FastAPI], settings: ServiceSettings) -> None:
     """
     tls = tls_options(settings)
     app = app_factory()
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+    # proxy_headers=False: uvicorn would otherwise rewrite the client address from X-Forwarded-For
+    # sent by 127.0.0.1 (any local caller); services/chassis/clientip.py applies the trusted list.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, proxy_headers=False,
                             timeout_graceful_shutdown=_env_float("SHUTDOWN_TIMEOUT_S", 20.0), **tls)
     DrainingServer(config, app, drain_s=_env_float("SHUTDOWN_DRAIN_S", 0.0)).run()
 
