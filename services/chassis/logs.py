@@ -4,6 +4,11 @@ Every record that reaches the root handler goes through `RedactingFilter` first:
 addresses, JWTs, API keys, Bearer/Basic credentials, Authorization headers, passwords (and other
 secret-named fields) and credentials inside URLs are replaced by `[REDACTED]` markers, in the
 message, its arguments, the `extra` fields and the formatted traceback alike.
+
+Subject identifiers (issue 20, docs/privacy.md): logs carry none. Every UUID (user ids, `apikey:<id>`
+principals, in paths like /internal/subjects/<id> or PATCH /admin/users/<id>, plain or
+percent-encoded) becomes `[ID]`, and the query string of a logged URL (entity ids such as
+?ids=C0042) becomes `?[REDACTED]`, so erasure never has to search the logs.
 """
 from __future__ import annotations
 
@@ -54,6 +59,11 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
         """), rf"\g<1>{REDACTED}"),
     # E-mail addresses.
     (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), "[REDACTED_EMAIL]"),
+    # Subject identifiers: UUIDs (users, API keys, anything keyed by one; also right after a
+    # percent-encoded ':' as in apikey%3A<id>), and query strings of URLs (entity ids).
+    (re.compile(r"(?i)(?:(?<=%3A)|(?<![0-9a-f]))[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+                r"(?![0-9a-f])"), "[ID]"),
+    (re.compile(r"(\b(?:https?://[^\s?\"']+|/[A-Za-z0-9_./%:-]*))\?[^\s\"']+"), r"\g<1>?[REDACTED]"),
 ]
 # LogRecord's own attributes: everything else in record.__dict__ came from `extra`.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
