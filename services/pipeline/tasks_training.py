@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from celery import shared_task
 from sqlalchemy import text
 
+from services.features.client import SyncFeatureStoreClient
 from services.model.client import ModelClient
 
 from . import training, validation
@@ -47,11 +48,11 @@ def train(model: str = "fraud", since_s: int | None = None, force: bool = False)
         examples = await training.labelled_predictions(engine, model, since)
         # The model server describes the current version and registers the new one (its own API).
         with ModelClient(settings.model_url, settings.http_timeout_s,
-                         internal_token=settings.internal_token) as models:
+                         internal_token=settings.internal_token) as models, \
+                SyncFeatureStoreClient(settings.features_url, max(settings.http_timeout_s, 60.0)) as store:
             meta = training.current_model(models, model)
             bound = training.binding(meta)
-            fetch = (training.feature_store_fetch(settings.features_url, bound.entity, bound.view,
-                                                  settings.http_timeout_s) if bound else None)
+            fetch = training.feature_store_fetch(store, bound.entity, bound.view) if bound else None
             features = [t["name"] for t in meta["inputs"]] if meta else []
             columns, labels = training.point_in_time_set(examples, features, bound.join_key if bound else "",
                                                          fetch)

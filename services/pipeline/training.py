@@ -14,12 +14,12 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import httpx
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.chassis.errors import AppError
 from services.demo.recipes import SEED, fraud_estimator
+from services.features.client import SyncFeatureStoreClient, present_values
 from services.model.client import (
     BASELINE,
     FeatureBinding,
@@ -50,21 +50,11 @@ async def labelled_predictions(engine: AsyncEngine, model: str, since: datetime 
 HistoricalFetch = Callable[[list[tuple[str, datetime]]], list[dict]]
 
 
-def feature_store_fetch(features_url: str, entity: str, view: str, timeout: float = 60.0,
-                        batch: int = 5000) -> HistoricalFetch:
-    """Point-in-time values from the feature store's `POST /v1/features/historical` (its API, not its DB)."""
+def feature_store_fetch(features: SyncFeatureStoreClient, entity: str, view: str) -> HistoricalFetch:
+    """Point-in-time values from the feature store's API (its contract), never its tables; a value
+    the store does not have as 'present' is None."""
     def fetch(keys: list[tuple[str, datetime]]) -> list[dict]:
-        out: list[dict] = []
-        with httpx.Client(base_url=features_url, timeout=timeout) as http:
-            for lo in range(0, len(keys), batch):
-                body = {"entity": entity, "features": [view],
-                        "rows": [{"id": k, "timestamp": t.isoformat()} for k, t in keys[lo:lo + batch]]}
-                r = http.post("/v1/features/historical", json=body)
-                r.raise_for_status()
-                for row in r.json()["rows"]:
-                    vals, statuses = row.get("values", {}), row.get("statuses", {})
-                    out.append({f: (v if statuses.get(f, "present") == "present" else None) for f, v in vals.items()})
-        return out
+        return [present_values(row) for row in features.historical(entity, keys, [view])]
     return fetch
 
 
