@@ -7,6 +7,7 @@ published them (context in the task headers), every response carries the trace i
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from opentelemetry import trace
@@ -50,6 +51,57 @@ def setup_tracing(service: str) -> None:
     HTTPXClientInstrumentor().instrument()  # also what carries traceparent to the next service
     if exporting:  # Redis spans only matter where someone receives them
         RedisInstrumentor().instrument()
+    log_instrumentations(exporting)
+
+
+# What each instrumentation instruments; a version outside its range makes OpenTelemetry skip it
+# with nothing more than a log line, which is how database spans once vanished (issue 17.3).
+INSTRUMENTATIONS = {
+    "httpx": "opentelemetry.instrumentation.httpx.HTTPXClientInstrumentor",
+    "redis": "opentelemetry.instrumentation.redis.RedisInstrumentor",
+    "sqlalchemy": "opentelemetry.instrumentation.sqlalchemy.SQLAlchemyInstrumentor",
+    "celery": "opentelemetry.instrumentation.celery.CeleryInstrumentor",
+}
+
+
+def instrumentation_status() -> dict[str, str]:
+    """name -> "active", "not installed" (the service does not use that library), or why it is off."""
+    import importlib
+    import importlib.util
+
+    from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+
+    status = {}
+    for name, path in INSTRUMENTATIONS.items():
+        if importlib.util.find_spec(name) is None:
+            status[name] = "not installed"
+            continue
+        module, _, cls = path.rpartition(".")
+        try:
+            instrumentor = getattr(importlib.import_module(module), cls)()
+        except ImportError as exc:
+            status[name] = f"off: {exc}"
+            continue
+        conflict = get_dependency_conflicts(instrumentor.instrumentation_dependencies())
+        status[name] = f"off: {conflict}" if conflict else "active"
+    return status
+
+
+def log_instrumentations(exporting: bool) -> dict[str, str]:
+    """Say once, at start, which instrumentations can produce spans; a WARNING names any that a
+    version mismatch turned off (OpenTelemetry itself would only skip it quietly)."""
+    log = logging.getLogger("aistack.telemetry")
+    status = instrumentation_status()
+    if not exporting and status.get("redis") == "active":
+        status["redis"] = "unused without an exporter"
+    active = [n for n, s in status.items() if s == "active"]
+    log.info("tracing: %s; instrumentations active: %s",
+             "exporting over OTLP" if exporting else "no exporter (trace ids in logs only)",
+             ", ".join(active), extra={"instrumentations": status})
+    for name, state in status.items():
+        if state.startswith("off"):
+            log.warning("OpenTelemetry %s instrumentation is %s: its spans are missing", name, state)
+    return status
 
 
 def exporter_configured() -> bool:

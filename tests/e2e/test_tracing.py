@@ -324,3 +324,33 @@ def test_spans_carry_model_version_cache_hit_and_batch_size(traced_stack, receiv
     assert attributes.get(A["version"]) == r.json()["version"]
     assert attributes.get(A["cache_hit"]) is r.json()["cached"]
     assert attributes.get(A["batch_size"], 0) >= 1
+
+
+def test_a_prediction_trace_has_database_and_redis_spans(traced_stack, receiver, headers):
+    """Issue 17.3: with SQLAlchemy out of its instrumentation's range no database span was ever
+    exported, and nothing noticed. A first call with a new API key makes the gateway introspect
+    it at auth (a Postgres query); the gateway's rate limit and the orchestrator's cache are Redis."""
+    gw = traced_stack.url("gateway")
+    r = httpx.post(f"{gw}/admin/api-keys", headers=headers, timeout=30,
+                   json={"name": f"trace-{secrets.token_hex(4)}", "role": "service"})
+    assert r.status_code in (200, 201), r.text
+    r = httpx.post(f"{gw}/v1/predict/fraud", json={"inputs": fresh_row()}, timeout=30,
+                   headers={"Authorization": f"Bearer {r.json()['key']}"})
+    assert r.status_code == 200, r.text
+    trace_id = r.headers["x-trace-id"]
+
+    def db(spans, system):
+        return [s for s in spans if s.attributes.get("db.system") == system
+                or s.attributes.get("db.system.name") == system]
+
+    spans = receiver.wait_for(trace_id, lambda spans: db(spans, "postgresql") and db(spans, "redis"))
+    assert any(s.service == "auth" for s in db(spans, "postgresql")), describe(spans)
+    assert {s.kind for s in db(spans, "postgresql") + db(spans, "redis")} == {CLIENT}
+
+    # And each service said at start which instrumentations are on.
+    for name in ("auth", "orchestrator", "features", "gateway"):
+        lines = [json.loads(line) for line in (traced_stack.data_dir / "logs" / f"{name}.log").read_text()
+                 .splitlines() if line.startswith("{")]
+        report = next(line for line in lines if line.get("logger") == "aistack.telemetry")
+        assert report["instrumentations"]["sqlalchemy"] == "active", report
+        assert report["instrumentations"]["redis"] == "active", report

@@ -162,3 +162,18 @@ async def test_health_and_openapi():
     async with client(make_app()) as c:
         assert (await c.get("/health")).json()["status"] == "ok"
         assert "/items/{item_id}" in (await c.get("/openapi.json")).json()["paths"]
+
+
+def test_every_instrumentation_the_services_use_is_active(caplog):
+    """Issue 17.3: SQLAlchemy 2.1 silently turned database spans off; the versions installed
+    together must keep every instrumentation on, and start-up says which ones are."""
+    import logging
+
+    from services.chassis.telemetry import log_instrumentations
+
+    with caplog.at_level(logging.INFO, logger="aistack.telemetry"):
+        status = log_instrumentations(exporting=True)
+    assert status["sqlalchemy"] == "active", status
+    assert status["redis"] == "active" and status["httpx"] == "active", status
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("sqlalchemy" in r.getMessage() for r in caplog.records)
