@@ -12,7 +12,7 @@ from services.chassis.limits import set_body_limit
 
 from .api import router
 from .repository_api import admin as repository_admin
-from .repository_api import close_versions
+from .repository_api import baselines, close_versions
 from .repository_api import router as repository_router
 from .runtimes import RuntimeOptions
 from .service import DataPlane
@@ -67,6 +67,7 @@ def create_app(settings: ModelSettings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(repository_router)
     app.include_router(repository_admin)
+    app.include_router(baselines)
     # A load may carry a new version's files (base64 in JSON): its own, larger body limit.
     set_body_limit(app, "/v2/repository/models/", settings.upload_max_bytes)
     return app

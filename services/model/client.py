@@ -377,6 +377,15 @@ class AsyncModelClient(_Base):
         meta = await self.metadata(model, version)
         return decode_rows(await self.infer(model, meta["parameters"]["version"], encode_rows(meta, rows)))
 
+    async def baseline(self, model: str, version: str) -> dict | None:
+        """The version's training baseline {feature: 11 edges}, or None when it has none."""
+        try:
+            return (await self._call("GET", metadata_path(model, version) + "/baseline"))["edges"]
+        except AppError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def index(self, ready: bool = False) -> list[dict]:
         return await self._call("POST", "/v2/repository/index", {"ready": ready})
 
@@ -427,6 +436,15 @@ class ModelClient(_Base):
     def infer_rows(self, model: str, rows: list[dict], version: str | None = None) -> list[dict]:
         meta = self.metadata(model, version)
         return decode_rows(self.infer(model, meta["parameters"]["version"], encode_rows(meta, rows)))
+
+    def baseline(self, model: str, version: str) -> dict | None:
+        """The version's training baseline {feature: 11 edges}, or None when it has none."""
+        try:
+            return self._call("GET", metadata_path(model, version) + "/baseline")["edges"]
+        except AppError as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def index(self, ready: bool = False) -> list[dict]:
         return self._call("POST", "/v2/repository/index", {"ready": ready})

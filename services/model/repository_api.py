@@ -2,7 +2,8 @@
 
 `POST /v2/repository/models/{name}/load` with `{"parameters": {"config": "<manifest JSON>",
 "file:<artifact>": "<base64>", ...}}` adds a version (the config's, else the next number) and
-serves it; without parameters it rescans the model's folder. Load and unload change what the
+serves it; without parameters it rescans the model's folder. `GET /v2/models/{m}/versions/{v}/baseline`
+(not Triton's) gives a version's training baseline to drift checks elsewhere. Load and unload change what the
 server serves, so they need the internal token; index is read-only. Errors keep the protocol's
 `{"error": msg}` shape (a missing token answers the stack's shape, 403).
 """
@@ -23,6 +24,7 @@ from .deps import Plane
 from .service import DataPlane, V2Error
 
 router = APIRouter(prefix="/v2/repository", tags=["v2 repository"], responses={"4XX": _V2_ERROR, "503": _V2_ERROR})
+baselines = APIRouter(prefix="/v2/models", tags=["v2"], responses={"4XX": _V2_ERROR, "503": _V2_ERROR})
 admin = APIRouter(prefix="/v2/repository", tags=["v2 repository"], dependencies=[Depends(require_internal)],
                   responses={"4XX": _V2_ERROR, "503": _V2_ERROR})
 
@@ -103,3 +105,12 @@ async def unload(plane: Plane, name: str):
     except V2Error as exc:
         return v2_error(exc)
     return JSONResponse({"name": name, "unloaded": sorted(mv.version for mv in gone)})
+
+
+@baselines.get("/{model}/versions/{version}/baseline")
+async def baseline(plane: Plane, model: str, version: str):
+    """The version's training distribution per input feature (11 quantile edges), for drift checks."""
+    try:
+        return plane.baseline(model, version)
+    except V2Error as exc:
+        return v2_error(exc)

@@ -5,6 +5,7 @@ Framework-free: routes parse and answer, this class does the work.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import shutil
@@ -16,11 +17,11 @@ from typing import Any
 import numpy as np
 import orjson
 
+from services.chassis.telemetry import annotate
+
 from . import metrics, repository
 from .batching import Batcher, BatcherClosed, QueueFull
 from .metrics import PrometheusObserver
-from services.chassis.telemetry import annotate
-
 from .repository import Baseline, Manifest, TensorSpec
 from .runtimes import Runtime, RuntimeOptions, load_runtime
 
@@ -146,6 +147,19 @@ class DataPlane:
         else:
             self.unserved.pop(name, None)
         return gone
+
+    def baseline(self, name: str, version: str) -> dict:
+        """The version's training baseline (client.baseline_edges' format), for drift checks by
+        others: they ask the server, which owns the files, instead of reading its repository."""
+        mv = self.resolve(name, version)
+        path = mv.path / repository.BASELINE
+        try:
+            edges = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise V2Error(404, f"model '{name}' version '{mv.version}' has no baseline") from None
+        except ValueError:
+            raise V2Error(503, f"model '{name}' version '{mv.version}' has an unreadable baseline") from None
+        return {"name": name, "version": mv.version, "edges": edges}
 
     def changed(self) -> list[str]:
         """Models whose versions on disk differ from what this server knows (another replica took an

@@ -371,3 +371,16 @@ async def test_a_replica_serves_a_version_another_replica_took(models_dir, tmp_p
         assert (await b.post("/v2/repository/models/fraud/unload", headers=TOKEN)).status_code == 200
         await asyncio.sleep(0.5)
         assert (await b.get("/v2/models/fraud")).status_code == 404
+
+
+async def test_a_versions_baseline_comes_from_the_server(repo_server):
+    """Drift checks elsewhere ask the server for a version's training baseline (it owns the files)."""
+    from services.model.client import AsyncModelClient
+
+    models = AsyncModelClient.over(repo_server)
+    edges = await models.baseline("fraud", "2")
+    assert set(edges) == set(FRAUD_FEATURES) and all(len(v) == 11 for v in edges.values())
+    (repo_server.root / "fraud" / "1" / "baseline.json").unlink()
+    assert await models.baseline("fraud", "1") is None
+    r = await repo_server.get("/v2/models/fraud/versions/9/baseline")
+    assert r.status_code == 404 and "no version" in r.json()["error"]
