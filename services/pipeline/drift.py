@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.model.repository import is_valid_name
+from services.model.client import is_valid_name
 
 from .db import fetch_all
 
