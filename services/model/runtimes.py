@@ -40,6 +40,9 @@ def pick_device(preference: str, available: bool) -> str:
     return "cuda"
 
 
+SMALL_BATCH_ROWS = 256
+
+
 class SklearnRuntime:
     """A fitted scikit-learn classifier; inputs are one 1-D tensor per feature, in manifest order."""
 
@@ -52,10 +55,30 @@ class SklearnRuntime:
         self.estimator = joblib.load(version_dir / "model.joblib")
         self.feature_order = [t.name for t in manifest.inputs]
         self.classes = np.asarray(self.estimator.classes_)
+        # OpenMP threads per pass (tree ensembles): a small batch runs on one thread, since a server
+        # gets its parallelism from concurrent requests and OpenMP's spinning workers cost a 1-row
+        # pass up to 40x its CPU on a busy machine (issue 18); big batches keep the default (or
+        # MODEL_THREADS). Only scikit-learn's own OpenMP runtime is limited, never torch's.
+        from threadpoolctl import ThreadpoolController
+
+        self._omp = ThreadpoolController().select(user_api="openmp")
+        self._omp = [lib for lib in self._omp.lib_controllers if "scikit_learn" in lib.filepath]
+        self._threads = options.threads
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = np.column_stack([inputs[n].reshape(-1).astype(np.float32) for n in self.feature_order])
-        proba = self.estimator.predict_proba(x).astype(np.float32)
+        threads = self._threads or (1 if len(x) <= SMALL_BATCH_ROWS else None)
+        if threads and self._omp:
+            before = [lib.num_threads for lib in self._omp]
+            for lib in self._omp:
+                lib.set_num_threads(threads)
+            try:
+                proba = self.estimator.predict_proba(x).astype(np.float32)
+            finally:
+                for lib, n in zip(self._omp, before):
+                    lib.set_num_threads(n)
+        else:
+            proba = self.estimator.predict_proba(x).astype(np.float32)
         return {"label": self.classes[proba.argmax(axis=1)].astype(np.int64), "probability": proba}
 
 
