@@ -39,6 +39,9 @@ def beat_schedule(settings: PipelineSettings) -> dict:
     # A periodic run that waited longer than its interval is superseded by the next: expire it.
     for entry in schedule.values():
         entry["options"] = {"expires": float(entry["schedule"])}
+    # The reaper jumps the backlog it exists to rescue (priority 0 is served first) and survives
+    # a wait for a free pool process.
+    schedule["reap-expired-leases"]["options"] = {"expires": max(30.0, 3 * settings.reap_every_s), "priority": 0}
     return schedule
 
 

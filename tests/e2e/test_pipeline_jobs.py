@@ -89,15 +89,12 @@ def test_server_side_path_cancel_and_bad_requests(stack):
         assert r.status_code == 415
         assert client.get("/v1/jobs/nope").status_code == 404
 
-        # A model that does not exist: the job fails with the reason, it does not hang.
+        # A model that does not exist, or an input without its features: refused before 202.
         r = client.post("/v1/jobs/batch-inference", json={"path": "inputs/small.parquet", "model": "nope"})
-        job = _wait(client, r.json()["id"])
-        assert job["status"] == "failed" and job["error"]["code"] == "model_not_found"
-        # Missing features: failed with the features named.
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         pq.write_table(pa.table({"amount": [1.0, 2.0]}), data_dir / "inputs" / "partial.parquet")
         r = client.post("/v1/jobs/batch-inference", json={"path": "inputs/partial.parquet", "model": "fraud"})
-        job = _wait(client, r.json()["id"])
-        assert job["status"] == "failed" and "txn_count_24h" in job["error"]["details"]["missing"]
+        assert r.status_code == 422 and "txn_count_24h" in r.json()["error"]["details"]["missing"]
 
         # Cancel a job while it runs: it stops, and stays cancelled.
         pq.write_table(_frame(30_000, seed=3), data_dir / "inputs" / "big.parquet")
