@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -25,6 +26,7 @@ from prometheus_client import Counter, Gauge
 from .errors import error_response
 
 ReadyCheck = Callable[[], Awaitable[object]]
+access = logging.getLogger("aistack.access")
 _EXEMPT = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes are never shed
 
 HOST_CPU = Gauge("aistack_host_cpu_percent", "Host CPU use, percent (a detail, never a readiness reason)",
@@ -121,35 +123,51 @@ def is_draining(app: FastAPI) -> bool:
 
 
 class LoadShedMiddleware:
-    """Answer 503 + Retry-After to requests beyond `limit` in flight (pure ASGI, no buffering)."""
+    """Answer 503 + Retry-After to requests beyond `limit` in flight (pure ASGI, no buffering),
+    and write one access-log line per request: it runs inside the server span, so the line
+    carries the trace id that `aistack logs --trace-id` and Loki follow across services."""
 
-    def __init__(self, app, fastapi_app: FastAPI, limit: int):
-        self.app, self.fastapi_app, self.limit = app, fastapi_app, limit
+    def __init__(self, app, fastapi_app: FastAPI, limit: int, access_log: bool = True):
+        self.app, self.fastapi_app, self.limit, self.access_log = app, fastapi_app, limit, access_log
         self.inflight = 0
         self.service = fastapi_app.state.settings.service_name
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.limit <= 0 or scope.get("path") in _EXEMPT:
+        if scope["type"] != "http" or scope.get("path") in _EXEMPT:
             return await self.app(scope, receive, send)
-        if self.inflight >= self.limit:
-            note_shed(self.fastapi_app, f"{self.inflight} requests in flight (limit {self.limit})")
-            response = error_response(503, "overloaded", "the service is at capacity; retry shortly",
-                                      {"inflight": self.inflight, "limit": self.limit}, {"Retry-After": "1"})
-            return await response(scope, receive, send)
-        self.inflight += 1
-        INFLIGHT.labels(self.service).set(self.inflight)
+        started, status = time.perf_counter(), [0]
+
+        async def observed_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
-        finally:
-            self.inflight -= 1
+            if 0 < self.limit <= self.inflight:
+                note_shed(self.fastapi_app, f"{self.inflight} requests in flight (limit {self.limit})")
+                response = error_response(503, "overloaded", "the service is at capacity; retry shortly",
+                                          {"inflight": self.inflight, "limit": self.limit}, {"Retry-After": "1"})
+                return await response(scope, receive, observed_send)
+            self.inflight += 1
             INFLIGHT.labels(self.service).set(self.inflight)
+            try:
+                await self.app(scope, receive, observed_send)
+            finally:
+                self.inflight -= 1
+                INFLIGHT.labels(self.service).set(self.inflight)
+        finally:
+            if self.access_log:
+                access.info("%s %s %s", scope.get("method"), scope.get("path"), status[0] or 500,
+                            extra={"status": status[0] or 500,
+                                   "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
 def install_health(app: FastAPI, settings) -> None:
     app.state.ready_checks = {}
     app.state.draining = False
     app.state.saturation = Saturation(settings.saturation_enter_s, settings.saturation_exit_s)
-    app.add_middleware(LoadShedMiddleware, fastapi_app=app, limit=settings.max_inflight)
+    app.add_middleware(LoadShedMiddleware, fastapi_app=app, limit=settings.max_inflight,
+                       access_log=settings.access_log)
 
     @app.get("/health", include_in_schema=False)
     async def health(request: Request) -> dict:

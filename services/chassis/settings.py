@@ -27,6 +27,8 @@ class ServiceSettings(BaseSettings):
     max_inflight: int = 512
     saturation_enter_s: float = 30.0
     saturation_exit_s: float = 10.0
+    # One JSON access-log line per request (method, path, status, duration_ms, trace_id).
+    access_log: bool = True
     ready_check_timeout_s: float = 2.0
     http_timeout_s: float = 10.0
     # Largest request body a service reads (services/chassis/limits.py); larger ones get 413.

@@ -51,7 +51,31 @@ def setup_tracing(service: str) -> None:
     HTTPXClientInstrumentor().instrument()  # also what carries traceparent to the next service
     if exporting:  # Redis spans only matter where someone receives them
         RedisInstrumentor().instrument()
+    setup_log_export()
     log_instrumentations(exporting)
+
+
+def setup_log_export() -> bool:
+    """With OTEL_LOGS_EXPORTER=otlp (compose and k8s set it), every log record also goes over OTLP
+    to the collector, and from there to Loki, carrying its trace and span ids natively, so Grafana
+    links a Jaeger trace to its log lines and back. Records are scrubbed as on stdout (logs.py)."""
+    if os.environ.get("OTEL_LOGS_EXPORTER", "").strip().lower() != "otlp" or not exporter_configured():
+        return False
+    from opentelemetry._logs import set_logger_provider
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+    from .logs import RedactingFilter
+
+    service = os.environ.get("OTEL_SERVICE_NAME", "aistack")
+    provider = LoggerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
+    set_logger_provider(provider)
+    handler = LoggingHandler(logger_provider=provider)
+    handler.addFilter(RedactingFilter())
+    logging.getLogger().addHandler(handler)
+    return True
 
 
 # What each instrumentation instruments; a version outside its range makes OpenTelemetry skip it

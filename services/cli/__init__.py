@@ -18,15 +18,17 @@ def up(
     data_dir: Path = typer.Option(Path("var"), help="Where embedded databases, models and logs live."),
     host: str = typer.Option("127.0.0.1", help="Interface the services listen on."),
     worker: bool = typer.Option(True, help="Start a Celery worker too."),
+    port_offset: int = typer.Option(0, help="Add this to every default port (several stacks on one machine)."),
 ) -> None:
     """Start the whole stack as local processes; Ctrl-C (or `aistack down`) stops everything.
 
     One stack per data dir: a second `up` on the same dir exits at once naming the running one.
     """
-    from .stack import Stack, StackError
+    from .stack import DEFAULT_PORTS, Stack, StackError
 
     stack = Stack(data_dir.resolve(), database_url=os.environ.get("DATABASE_URL"),
-                  redis_url=os.environ.get("REDIS_URL"), host=host, worker=worker)
+                  redis_url=os.environ.get("REDIS_URL"), host=host, worker=worker,
+                  ports={name: port + port_offset for name, port in DEFAULT_PORTS.items()})
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -132,6 +132,30 @@ class Stack:
                 "urls": {name: self.url(name) for name in self.ports},
                 "logs": str(self.data_dir / "logs"), "admin_email": self.admin_email}
 
+    def _local_secrets(self) -> dict[str, str]:
+        """Keys for a stack whose database is embedded in data_dir: made once, kept beside it
+        (secrets.json, 0600), so data encrypted at rest stays readable across restarts and no
+        service falls back to (and warns about) a fixed development key. With an outside
+        DATABASE_URL the operator provides them (the environment always wins)."""
+        if any(server.__class__.__name__ == "EmbeddedPostgres" for server in self._embedded):
+            import base64
+            import json
+            import secrets
+
+            path = self.data_dir / "secrets.json"
+            try:
+                return json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):
+                pass
+            fernet = lambda: base64.urlsafe_b64encode(os.urandom(32)).decode()
+            values = {"AUTH_KEY_ENCRYPTION_KEY": fernet(), "FEATURES_PII_KEYS": fernet(),
+                      "AUTH_AUDIT_SALT": secrets.token_urlsafe(24)}
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(values, fh)
+            return values
+        return {}
+
     def _check_ports(self) -> None:
         for name, port in self.ports.items():
             with socket.socket() as sock:
@@ -177,6 +201,8 @@ class Stack:
         logs.mkdir(exist_ok=True)
         base = {**os.environ, "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
                 "PYTHONUNBUFFERED": "1", **self.extra_env}
+        for name, value in self._local_secrets().items():
+            base.setdefault(name, value)
         # One shared secret for the services' /internal/* endpoints (docs/privacy.md).
         if not base.get("INTERNAL_TOKEN"):
             import secrets
@@ -208,7 +234,11 @@ class Stack:
             procs.append(Proc(name, [sys.executable, "-m", f"services.{name}"], env,
                               f"{self.url(name)}/ready", logs / f"{name}.log"))
         if self.worker:
-            env = {**procs[-1].env, "OTEL_SERVICE_NAME": "pipeline-worker"}
+            # The worker accepts JSON only (never pickle), the risk Celery's superuser warning is
+            # about; on a root dev shell it would be the one warning of a clean start.
+            env = {**procs[-1].env, "OTEL_SERVICE_NAME": "pipeline-worker",
+                   "PIPELINE_WORKER_METRICS_PORT": str(self.ports.get("worker", self.ports["pipeline"] + 1)),
+                   "PYTHONWARNINGS": "ignore:You're running the worker with superuser privileges"}
             procs.append(Proc("worker", [sys.executable, "-m", "services.pipeline", "worker", "--beat"], env, None,
                               logs / "worker.log"))
         return procs

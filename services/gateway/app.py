@@ -28,6 +28,16 @@ from .service import Gateway
 from .settings import GatewaySettings
 
 
+async def _warm_jwks(jwks, every_s: float = 1.0, attempts: int = 120) -> None:
+    """Load auth's keys at start without a warning per try: on a fresh stack auth starts after
+    the gateway. Requests fetch on demand too; a failure after `attempts` tries is logged."""
+    for attempt in range(attempts):
+        await jwks.refresh("startup", quiet=attempt < attempts - 1)
+        if jwks.keys:
+            return
+        await asyncio.sleep(every_s)
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
 
@@ -78,8 +88,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             # /ready is public here: its reasons name no address (the logs have the detail).
             for name, check in list(app.state.ready_checks.items()):
                 app.state.ready_checks[name] = _opaque(name, check)
-            # Warm the key cache; auth may start later, then the first request fetches.
-            warm = asyncio.create_task(jwks.refresh("startup"))
+            # Warm the key cache; auth may start after us, so retry quietly until it answers.
+            warm = asyncio.create_task(_warm_jwks(jwks))
             app.state.overview = _overview(app, s, http, pools, proxies)
             scraper = asyncio.create_task(app.state.overview.run())
             try:

@@ -85,7 +85,8 @@ class JWKSCache:
         self.keys = keys
         self.fetched_at = time.monotonic()
 
-    async def refresh(self, reason: str) -> None:
+    async def refresh(self, reason: str, quiet: bool = False) -> None:
+        """quiet: a failure is expected (auth still starting) and logged at DEBUG only."""
         started = time.monotonic()
         async with self._lock:
             if self.attempted_at >= started:  # someone refreshed while we waited
@@ -97,7 +98,7 @@ class JWKSCache:
                 log.info("JWKS fetched (%s): %d keys", reason, len(self.keys))
             except Exception as exc:  # keep serving with the keys we have  # noqa: BLE001
                 JWKS_FETCHES.labels("error").inc()
-                log.warning("JWKS fetch failed (%s): %s", reason, exc)
+                (log.debug if quiet else log.warning)("JWKS fetch failed (%s): %s", reason, exc)
 
     async def get(self, kid: str) -> tuple[str, object] | None:
         now = time.monotonic()

@@ -1,6 +1,7 @@
 """`aistack models build`: train the default models reproducibly into the model repository."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -92,6 +93,35 @@ def _pooled(encoder):
     return Pooled(encoder).eval()
 
 
+@contextlib.contextmanager
+def _quiet_libraries():
+    """No progress bars or advice from the libraries while we build (issue 17.4): transformers'
+    "Loading weights" bar, and ONNX Runtime's root-logger "consider pre-processing" warning, which
+    would also make logging install a stderr handler on the root logger of the caller."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    root, hush = logging.getLogger(), logging.NullHandler()
+    advice = _DropRootWarnings()
+    root.addHandler(hush)  # logging.warning() calls basicConfig() on a root without handlers
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+        root.removeHandler(hush)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+class _DropRootWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and record.levelno == logging.WARNING)
+
+
 def build_minilm_int8(version_dir: Path, version: str) -> Manifest:
     """v2: exported to ONNX and dynamically quantised to 8-bit by ONNX Runtime.
 
@@ -109,7 +139,8 @@ def build_minilm_int8(version_dir: Path, version: str) -> Manifest:
     source, _ = _minilm_source()
     shutil.copyfile(source / "tokenizer.json", version_dir / "tokenizer.json")
     torch.manual_seed(SEED)
-    model = _pooled(AutoModel.from_pretrained(str(source), local_files_only=True))
+    with _quiet_libraries():
+        model = _pooled(AutoModel.from_pretrained(str(source), local_files_only=True))
     ids = torch.ones((2, 8), dtype=torch.int64)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
@@ -121,8 +152,9 @@ def build_minilm_int8(version_dir: Path, version: str) -> Manifest:
                               output_names=["embedding"], opset_version=17, dynamo=False,
                               dynamic_axes={"input_ids": dyn, "attention_mask": dyn, "token_type_ids": dyn,
                                             "embedding": {0: "batch"}})
-        quantize_dynamic(str(fp32), str(version_dir / "model.onnx"), op_types_to_quantize=["MatMul"],
-                         per_channel=True, weight_type=QuantType.QUInt8)
+        with _quiet_libraries():
+            quantize_dynamic(str(fp32), str(version_dir / "model.onnx"), op_types_to_quantize=["MatMul"],
+                             per_channel=True, weight_type=QuantType.QUInt8)
     return _minilm_manifest(version, "onnx", ["model.onnx", "tokenizer.json"], precision="int8",
                             tokenizer="tokenizer.json", onnx_file="model.onnx",
                             quantization="onnxruntime dynamic, per-channel 8-bit weights on MatMul")

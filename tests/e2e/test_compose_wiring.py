@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_TEXT = (ROOT / "compose.yaml").read_text()
 COMPOSE = yaml.safe_load(COMPOSE_TEXT)
 SERVICES = COMPOSE["services"]
-INFRA = {"postgres", "redis", "otel-collector", "jaeger", "prometheus", "grafana"}
+INFRA = {"postgres", "redis", "otel-collector", "jaeger", "loki", "prometheus", "grafana"}
 ROW = {"amount": 250.0, "txn_count_24h": 5, "txn_amount_24h": 400.0, "avg_amount_30d": 40.0,
        "account_age_days": 30, "chargebacks_90d": 1, "distinct_merchants_7d": 6}
 
@@ -167,6 +167,29 @@ def test_prometheus_scrapes_every_service_and_the_worker():
     for host_path, _ in (v.split(":", 1) for s in SERVICES.values() for v in s.get("volumes", [])
                          if isinstance(v, str) and v.startswith("./")):
         assert (ROOT / host_path).exists(), f"compose mounts missing {host_path}"
+
+
+def test_logs_go_over_otlp_to_loki_and_grafana_links_them_to_traces():
+    """Issue 17.6: the logging service. Every process exports its log records over OTLP; the
+    collector sends them to Loki; Grafana links a Loki line's trace id to Jaeger and back."""
+    env = SERVICES["gateway"]["environment"]
+    assert env["OTEL_LOGS_EXPORTER"] == "otlp" and env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector")
+    collector = yaml.safe_load((ROOT / "deploy/otel-collector.yaml").read_text())
+    logs = collector["service"]["pipelines"]["logs"]
+    assert "otlp" in logs["receivers"]
+    (exporter,) = logs["exporters"]
+    assert collector["exporters"][exporter]["endpoint"] == "http://loki:3100/otlp"
+    assert "loki" in SERVICES and "loki" in SERVICES["otel-collector"]["depends_on"]
+    loki = yaml.safe_load((ROOT / "deploy/loki/loki.yaml").read_text())
+    assert loki["limits_config"]["allow_structured_metadata"] is True  # trace ids ride as metadata
+
+    sources = {}
+    for path in (ROOT / "deploy/grafana/provisioning/datasources").glob("*.yaml"):
+        sources.update({d["uid"]: d for d in yaml.safe_load(path.read_text())["datasources"]})
+    to_trace = sources["loki"]["jsonData"]["derivedFields"][0]
+    assert to_trace["datasourceUid"] == "jaeger" and to_trace["matcherRegex"] == "trace_id"
+    to_logs = sources["jaeger"]["jsonData"]["tracesToLogsV2"]
+    assert to_logs["datasourceUid"] == "loki" and "trace_id=" in to_logs["query"]
 
 
 # -- the whole stack as processes, wired by compose.yaml ----------------------------------------------

@@ -60,6 +60,7 @@ class OtlpReceiver:
 
     def __init__(self):
         self.spans: list[Span] = []
+        self.logs: list[tuple[str, str, str, str]] = []  # (service, trace id, severity, body)
         self.lock = threading.Lock()
         receiver = self
 
@@ -73,6 +74,16 @@ class OtlpReceiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 if self.headers.get("content-encoding") == "gzip":
                     body = gzip.decompress(body)
+                if self.path == "/v1/logs":  # OTEL_LOGS_EXPORTER=otlp: what Loki gets via the collector
+                    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+                        ExportLogsServiceRequest,
+                    )
+
+                    receiver._add_logs(ExportLogsServiceRequest.FromString(body))
+                    self.send_response(200)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 if self.path != "/v1/traces":
                     self.send_response(404)
                     self.end_headers()
@@ -104,6 +115,17 @@ class OtlpReceiver:
                                       {a.key: _value(a.value) for a in s.attributes}))
         with self.lock:
             self.spans.extend(spans)
+
+    def _add_logs(self, request) -> None:
+        records = []
+        for rl in request.resource_logs:
+            res = {a.key: _value(a.value) for a in rl.resource.attributes}
+            for sl in rl.scope_logs:
+                for r in sl.log_records:
+                    records.append((res.get("service.name", "?"), r.trace_id.hex(), r.severity_text,
+                                    _value(r.body) or ""))
+        with self.lock:
+            self.logs.extend(records)
 
     def trace(self, trace_id: str) -> list[Span]:
         with self.lock:
@@ -202,7 +224,7 @@ def traced_stack(tmp_path_factory, database_url, own_redis_url, models_dir, rece
     s = Stack(data_dir, database_url=database_url, redis_url=own_redis_url,
               ports={name: free_port() for name in DEFAULT_PORTS},
               extra_env={**STACK_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
-                         "OTEL_TRACES_SAMPLER": "parentbased_always_on"})
+                         "OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_LOGS_EXPORTER": "otlp"})
     s.start()
     yield s
     s.stop()
@@ -354,3 +376,23 @@ def test_a_prediction_trace_has_database_and_redis_spans(traced_stack, receiver,
         report = next(line for line in lines if line.get("logger") == "aistack.telemetry")
         assert report["instrumentations"]["sqlalchemy"] == "active", report
         assert report["instrumentations"]["redis"] == "active", report
+
+
+def test_log_records_go_over_otlp_with_their_trace_id(traced_stack, receiver, headers):
+    """Issue 17.6: compose and k8s ship logs over OTLP to the collector (and on to Loki); each
+    record carries the trace id natively, which is what links a Jaeger trace to its log lines."""
+    r = httpx.post(f"{traced_stack.url('gateway')}/v1/predict/fraud", json={"inputs": fresh_row()},
+                   headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    trace_id = r.headers["x-trace-id"]
+    deadline = time.monotonic() + 60
+    while True:
+        with receiver.lock:
+            services = {service for service, tid, _, _ in receiver.logs if tid == trace_id}
+        if {"gateway", "orchestrator", "model", "features"} <= services or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert {"gateway", "orchestrator", "model", "features"} <= services, services
+    with receiver.lock:
+        bodies = [body for _, tid, _, body in receiver.logs if tid == trace_id]
+    assert not any("Bearer ey" in body for body in bodies)  # scrubbed as on stdout
