@@ -20,6 +20,8 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 _SKIP = frozenset({"/metrics", "/health", "/ready"})
+# Any token is a valid HTTP method, so a client could mint label values: others count as "other".
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
 def _route_template(app: ASGIApp, scope: Scope) -> str:
@@ -58,7 +60,8 @@ class MetricsMiddleware:
             self._observe(scope, status, time.perf_counter() - start)
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
-        method, route = scope["method"], _route_template(self.root, scope)
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        route = _route_template(self.root, scope)
         key = (method, route, str(status))
         counter = self._counters.get(key)
         if counter is None:
