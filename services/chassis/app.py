@@ -1,6 +1,7 @@
 """create_service_app: the one place a service's FastAPI app gets its platform parts."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -19,6 +20,11 @@ from .settings import ServiceSettings
 from .telemetry import instrument_app, setup_tracing, shutdown_tracing
 
 log = logging.getLogger("aistack.shutdown")
+# FastAPI >= 0.16x traces, meters and logs every request itself once a tracer provider is set: a
+# second server span per request, built before any sampling decision. The chassis' own pure ASGI
+# middleware (tracing.py) is the one server span; Prometheus (metrics.py) the one request metric.
+_NO_NATIVE_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
+                        if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 Lifespan = Callable[[FastAPI], "AsyncIterator[None]"]
 
 
@@ -43,7 +49,7 @@ def create_service_app(settings: ServiceSettings, *, title: str, description: st
             mark_draining(app)
             shutdown_tracing()
 
-    app = FastAPI(title=title, description=description, version="0.1.0", lifespan=_lifespan)
+    app = FastAPI(title=title, description=description, version="0.1.0", lifespan=_lifespan, **_NO_NATIVE_TELEMETRY)
     app.state.settings = settings
     install_error_handlers(app)
     install_body_limit(app, settings.max_body_bytes)

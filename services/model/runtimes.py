@@ -48,6 +48,9 @@ class SklearnRuntime:
 
     device = "cpu"
     precision = "fp32"
+    # A pass holds the GIL most of its time, so its own thread buys the event loop little: the
+    # batcher runs passes measured under this many CPU seconds inline (services/model/batching.py).
+    inline_max_s = 0.002
 
     def __init__(self, version_dir: Path, manifest: Manifest, options: RuntimeOptions = RuntimeOptions()):
         import joblib

@@ -22,7 +22,10 @@ def cheap(inputs):
 
 
 def slow(inputs):
-    time.sleep(0.003)  # a pass costlier than the inline bound (0.5 ms) and than the delay below
+    """Burns 5 ms of CPU: costlier than the inline bound below and than the delay."""
+    start = time.thread_time()
+    while time.thread_time() - start < 0.005:
+        pass
     return cheap(inputs)
 
 
@@ -42,13 +45,19 @@ async def test_an_idle_batcher_runs_a_request_at_once_without_queue_or_worker():
 
 async def test_a_measured_cheap_model_runs_on_the_loop_and_an_expensive_one_in_its_thread():
     loop_thread = threading.get_ident()
-    fast = Batcher(cheap, max_batch_size=8, max_queue_delay_s=0.002)
+    fast = Batcher(cheap, max_batch_size=8, max_queue_delay_s=0.002, inline_max_s=0.002)
     for i in range(12):
         out, _ = await fast.submit(one(i))
     # The first passes (before any measurement) go to the thread; once measured cheap, inline.
+    # Without a bound from its runtime (torch, onnxruntime release the GIL) never inline.
+    plain = Batcher(cheap, max_batch_size=8)
+    for i in range(12):
+        await plain.submit(one(i))
+    assert plain.inline_max_s == 0.0 and not plain.runs_inline
+    await plain.close()
     assert fast.runs_inline and fast.stats.inline_passes > 0
     assert int(out["thread"][0]) == loop_thread
-    heavy = Batcher(slow, max_batch_size=8, max_queue_delay_s=0.002)
+    heavy = Batcher(slow, max_batch_size=8, max_queue_delay_s=0.002, inline_max_s=0.002)
     for i in range(12):
         out, _ = await heavy.submit(one(i))
     assert not heavy.runs_inline and heavy.stats.inline_passes == 0
@@ -59,14 +68,14 @@ async def test_a_measured_cheap_model_runs_on_the_loop_and_an_expensive_one_in_i
 
 async def test_a_cheap_model_does_not_wait_out_the_delay_and_an_expensive_one_still_batches():
     # A delay far longer than the test may run: a cheap model must not wait for it.
-    fast = Batcher(cheap, max_batch_size=64, max_queue_delay_s=60.0)
+    fast = Batcher(cheap, max_batch_size=64, max_queue_delay_s=60.0, inline_max_s=0.002)
     for i in range(10):
         await fast.submit(one(i))
     results = await asyncio.wait_for(asyncio.gather(*(fast.submit(one(i)) for i in range(20))), 30)
     assert [float(out["y"][0]) for out, _ in results] == [2.0 * i for i in range(20)]
     # The expensive model keeps the configured delay: a request queued behind a running pass
     # waits for company (measured: its pass costs more than the delay).
-    heavy = Batcher(slow, max_batch_size=64, max_queue_delay_s=0.001)
+    heavy = Batcher(slow, max_batch_size=64, max_queue_delay_s=0.001, inline_max_s=0.002)
     for i in range(3):
         await heavy.submit(one(i))
     assert heavy.pass_cost_s > heavy.max_queue_delay_s

@@ -55,6 +55,13 @@ def test_the_chassis_uses_no_base_http_middleware():
     assert classes and not [c for c in classes if isinstance(c, type) and issubclass(c, BaseHTTPMiddleware)]
 
 
+def test_fastapi_native_telemetry_is_off():
+    """A second server span per request, built before sampling: the chassis has its own."""
+    app = create_service_app(ServiceSettings(service_name="unit"), title="unit")
+    native = getattr(app, "_native_telemetry", None)
+    assert native is None or not native.enabled()
+
+
 def test_hot_paths_have_no_sync_dependency(tmp_path):
     from services.model.app import create_app as model_app
     from services.model.settings import ModelSettings
