@@ -312,7 +312,8 @@ class Overview:
         upstreams = upstreams or self.upstreams
         if len(self.ring) < 2:  # first call right after start: have something to compare
             await self.scrape_once()
-        models, jobs = await asyncio.gather(self._models(upstreams, headers), self._jobs(upstreams, headers))
+        models, jobs, usage = await asyncio.gather(self._models(upstreams, headers), self._jobs(upstreams, headers),
+                                                   self._usage(upstreams, headers))
         traffic = self.model_traffic()
         for m in models.get("models", []):
             m.update(traffic.get(m["name"], {"predictions_per_s": 0.0, "by_version": {}, "cache_hit_ratio": None}))
@@ -323,7 +324,8 @@ class Overview:
         cache_series = {p["t"]: p["cache_hit_ratio"] for p in self.series("orchestrator")}
         for p in gw_series:
             p["cache_hit_ratio"] = cache_series.get(p["t"])
-        errors = {k: v for k, v in (("models", models.get("error")), ("jobs", jobs.get("error"))) if v}
+        errors = {k: v for k, v in (("models", models.get("error")), ("jobs", jobs.get("error")),
+                                    ("usage", usage.get("error"))) if v}
         return {
             "generated_at": round(time.time(), 3),
             "scrape_every_s": self.every_s, "window_s": self.window_s, "summary_s": self.summary_s,
@@ -331,6 +333,7 @@ class Overview:
             "traffic": {"summary": summary, "series": gw_series},
             "models": models.get("models", []),
             "jobs": jobs.get("jobs", []),
+            "usage": usage.get("principals", []),
             "errors": errors,
         }
 
@@ -365,6 +368,17 @@ class Overview:
             return out
 
         return {"models": list(await asyncio.gather(*(one(n, vs) for n, vs in sorted(by_name.items()))))}
+
+    async def _usage(self, up: Upstreams, headers: dict) -> dict:
+        """Top principals by rows today: per-principal usage comes from the orchestrator's usage API,
+        never from a metrics label (docs/metrics.md)."""
+        try:
+            status, body = await up.orchestrator("/admin/usage?days=1&limit=10", headers)
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"orchestrator unreachable: {type(exc).__name__}"}
+        if status != 200:
+            return {"error": _error_message(body, status)}
+        return {"principals": json.loads(body).get("principals", [])}
 
     async def _jobs(self, up: Upstreams, headers: dict) -> dict:
         try:

@@ -135,7 +135,9 @@ async def test_overview_aggregates_replicas_models_and_jobs():
                                   {"name": "fraud", "version": "2", "state": "READY"},
                                   {"name": "minilm", "version": "1", "state": "READY"}]
                        if p == "/v2/repository/index" else {"versions": ["1", "2"], "platform": "sklearn"})
-    orchestrator = await _get(lambda p: {"policy": policies[p.split("/")[3]]})
+    usage = [{"principal": "apikey:7", "requests": 3, "rows": 30, "cached_rows": 10, "models": {"fraud": 30}}]
+    orchestrator = await _get(lambda p: {"principals": usage} if p.startswith("/admin/usage")
+                              else {"policy": policies[p.split("/")[3]]})
     pipeline = await _get({"jobs": [{"id": "j2", "status": "succeeded"}, {"id": "j1", "status": "running"}]})
     doc = await ov.snapshot({"X-Principal": "admin"}, Upstreams(model, orchestrator, pipeline))
 
@@ -152,6 +154,7 @@ async def test_overview_aggregates_replicas_models_and_jobs():
     assert [v["version"] for v in fraud["versions"]] == ["1", "2"] and fraud["policy"]["routes"] == {"1": 90, "2": 10}
     assert fraud["predictions_per_s"] > 0 and set(fraud["by_version"]) == {"2"}
     assert [j["id"] for j in doc["jobs"]] == ["j1", "j2"]  # running first
+    assert doc["usage"] == usage  # per-principal usage from the orchestrator's API, not /metrics
     assert doc["errors"] == {}
     # The version is fetched once, not on every scrape.
     assert sum(1 for c in fake.calls if c == "http://orch-a/openapi.json") == 1
@@ -165,5 +168,6 @@ async def test_overview_reports_what_it_could_not_reach():
     assert doc["models"] == [] and doc["jobs"] == []
     assert "model server unreachable" in doc["errors"]["models"]
     assert "pipeline unreachable" in doc["errors"]["jobs"]
+    assert doc["usage"] == [] and "orchestrator unreachable" in doc["errors"]["usage"]
     assert len(ov.ring) == 1  # an overview before the first scrape scrapes now: health is known
     assert doc["services"][0]["replicas"][0]["status"] == "ready" and doc["traffic"]["series"] == []
