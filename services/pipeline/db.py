@@ -5,7 +5,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import pool, text
+from sqlalchemy import Executable, pool, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from services.chassis.clients import asyncpg_url
@@ -32,18 +32,9 @@ def run_with_engine(url: str, fn: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
-async def fetch_all(engine: AsyncEngine, sql: str, **params: Any) -> list[dict]:
+async def fetch_all(engine: AsyncEngine, stmt: Executable | str, **params: Any) -> list[dict]:
+    """Rows of a SQLAlchemy Core statement as dicts. (A SQL string is accepted only until
+    training.py moves to Core: the pipeline's one persistence style is Core over tables.py.)"""
     async with engine.connect() as conn:
-        result = await conn.execute(text(sql), params)
+        result = await conn.execute(text(stmt) if isinstance(stmt, str) else stmt, params)
         return [dict(r._mapping) for r in result]
-
-
-async def fetch_one(engine: AsyncEngine, sql: str, **params: Any) -> dict | None:
-    rows = await fetch_all(engine, sql, **params)
-    return rows[0] if rows else None
-
-
-async def execute(engine: AsyncEngine, sql: str, **params: Any) -> int:
-    async with engine.begin() as conn:
-        result = await conn.execute(text(sql), params)
-        return result.rowcount

@@ -12,12 +12,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import text
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.model.client import is_valid_name
 
 from .db import fetch_all
+from .tables import drift as drift_table
+from .tables import predictions
 
 EPS = 1e-4
 
@@ -76,10 +78,9 @@ async def compute_drift(engine: AsyncEngine, repository: Path, window_s: int, th
     """PSI per feature of each (model, version) with a baseline and enough recent requests; stored."""
     end = now or datetime.now(UTC)
     start = end - timedelta(seconds=window_s)
-    rows = await fetch_all(engine, """
-        SELECT model, version, inputs FROM pipeline.predictions
-        WHERE time >= :start AND time < :end ORDER BY time DESC LIMIT :limit""",
-        start=start, end=end, limit=max_rows)
+    p = predictions
+    rows = await fetch_all(engine, select(p.c.model, p.c.version, p.c.inputs)
+                           .where(p.c.time >= start, p.c.time < end).order_by(p.c.time.desc()).limit(max_rows))
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["version"]), []).append(r["inputs"])
@@ -92,18 +93,16 @@ async def compute_drift(engine: AsyncEngine, repository: Path, window_s: int, th
                         **drift_report(baseline, inputs, threshold)})
     if results:
         async with engine.begin() as conn:
-            await conn.execute(text("""
-                INSERT INTO pipeline.drift (model, version, window_start, window_end, n, psi, max_psi, alert,
-                                            threshold, computed_at)
-                VALUES (:model, :version, :window_start, :window_end, :n, CAST(:psi AS jsonb), :max_psi, :alert,
-                        :threshold, :end)"""),
-                [{**r, "psi": json.dumps(r["psi"]), "end": end} for r in results])
+            await conn.execute(insert(drift_table), [
+                {k: r[k] for k in ("model", "version", "window_start", "window_end", "n", "psi", "max_psi", "alert",
+                                   "threshold")} | {"computed_at": end} for r in results])
     return results
 
 
 async def latest_drift(engine: AsyncEngine, model: str | None = None) -> list[dict]:
-    return await fetch_all(engine, """
-        SELECT DISTINCT ON (model, version) model, version, window_start, window_end, n, psi, max_psi, alert,
-               threshold, computed_at
-        FROM pipeline.drift WHERE (CAST(:model AS text) IS NULL OR model = :model)
-        ORDER BY model, version, computed_at DESC, id DESC""", model=model)
+    d = drift_table
+    stmt = (select(d.c.model, d.c.version, d.c.window_start, d.c.window_end, d.c.n, d.c.psi, d.c.max_psi,
+                   d.c.alert, d.c.threshold, d.c.computed_at)
+            .distinct(d.c.model, d.c.version)
+            .order_by(d.c.model, d.c.version, d.c.computed_at.desc(), d.c.id.desc()))
+    return await fetch_all(engine, stmt if model is None else stmt.where(d.c.model == model))

@@ -11,8 +11,10 @@ import logging
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
-from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .tables import feedback, predictions
 
 log = logging.getLogger("aistack.pipeline.logstore")
 
@@ -20,19 +22,19 @@ PREDICTION_STREAM = "orchestrator:predictions"
 FEEDBACK_STREAM = "orchestrator:feedback"
 CONSUMER = "persister"
 
-INSERT_PREDICTION = text("""
-    INSERT INTO pipeline.predictions (prediction_id, row, time, principal, model, version, input_hash,
-                                      inputs, outputs, latency_ms, cached, stream_id)
-    VALUES (:prediction_id, :row, :time, :principal, :model, :version, :input_hash,
-            CAST(:inputs AS jsonb), CAST(:outputs AS jsonb), :latency_ms, :cached, :stream_id)
-    ON CONFLICT (prediction_id, row) DO NOTHING""")
-INSERT_FEEDBACK = text("""
-    INSERT INTO pipeline.feedback (prediction_id, row, label, principal, model, version, time, stream_id)
-    VALUES (:prediction_id, :row, CAST(:label AS jsonb), :principal, :model, :version, :time, :stream_id)
-    ON CONFLICT (prediction_id, row) DO UPDATE
-        SET label = excluded.label, time = excluded.time, stream_id = excluded.stream_id
-        WHERE pipeline.feedback.time <= excluded.time""")
 
+def _insert_predictions():
+    stmt = pg_insert(predictions)
+    return stmt.on_conflict_do_nothing(index_elements=[predictions.c.prediction_id, predictions.c.row])
+
+
+def _insert_feedback():
+    """A later label for the same row replaces an earlier one, never the other way round."""
+    stmt = pg_insert(feedback)
+    return stmt.on_conflict_do_update(
+        index_elements=[feedback.c.prediction_id, feedback.c.row],
+        set_={"label": stmt.excluded.label, "time": stmt.excluded.time, "stream_id": stmt.excluded.stream_id},
+        where=feedback.c.time <= stmt.excluded.time)
 
 def _s(fields: dict, key: str, default: str | None = None) -> str | None:
     v = fields.get(key.encode(), fields.get(key))
@@ -61,8 +63,8 @@ def prediction_rows(stream_id: str, fields: dict) -> list[dict]:
     if not common["prediction_id"] or not common["model"]:
         raise ValueError("prediction entry without id or model")
     n = max(len(inputs), len(outputs))
-    return [{**common, "row": i, "inputs": json.dumps(inputs[i] if i < len(inputs) else None),
-             "outputs": json.dumps(outputs[i] if i < len(outputs) else None)} for i in range(n)]
+    return [{**common, "row": i, "inputs": inputs[i] if i < len(inputs) else None,
+             "outputs": outputs[i] if i < len(outputs) else None} for i in range(n)]
 
 
 def feedback_row(stream_id: str, fields: dict) -> dict:
@@ -71,7 +73,7 @@ def feedback_row(stream_id: str, fields: dict) -> dict:
            "version": _s(fields, "version"), "time": _time(_s(fields, "time")), "stream_id": stream_id}
     if not row["prediction_id"] or row["label"] is None:
         raise ValueError("feedback entry without prediction_id or label")
-    json.loads(row["label"])
+    row["label"] = json.loads(row["label"])
     return row
 
 
@@ -118,7 +120,7 @@ async def persist_stream(redis: aioredis.Redis, engine: AsyncEngine, stream: str
                 log.warning("unreadable log entry skipped", extra={"stream": stream, "id": sid, "error": str(exc)})
         if rows:
             async with engine.begin() as conn:
-                await conn.execute(INSERT_FEEDBACK if stream == FEEDBACK_STREAM else INSERT_PREDICTION, rows)
+                await conn.execute(_insert_feedback() if stream == FEEDBACK_STREAM else _insert_predictions(), rows)
         # Committed: now (and only now) the entries leave the group's pending list.
         await redis.xack(stream, group, *[i for i, _ in entries])
         stored += len(rows)

@@ -5,15 +5,16 @@ hand): accuracy, precision, recall, F1, ROC AUC (Mann-Whitney, ties counted half
 """
 from __future__ import annotations
 
-import json
 import math
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
-from sqlalchemy import text
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import fetch_all
+from .tables import feedback, predictions
+from .tables import quality as quality_table
 
 METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
 
@@ -138,10 +139,10 @@ async def compute_quality(engine: AsyncEngine, window_s: int, now: datetime | No
     """Metrics per (model, version) for predictions made in the window that have a label; stored."""
     end = now or datetime.now(UTC)
     start = end - timedelta(seconds=window_s)
-    rows = await fetch_all(engine, """
-        SELECT p.model, p.version, p.outputs, f.label
-        FROM pipeline.predictions p JOIN pipeline.feedback f USING (prediction_id, row)
-        WHERE p.time >= :start AND p.time < :end""", start=start, end=end)
+    p, f = predictions, feedback
+    rows = await fetch_all(engine, select(p.c.model, p.c.version, p.c.outputs, f.c.label)
+                           .join(f, (f.c.prediction_id == p.c.prediction_id) & (f.c.row == p.c.row))
+                           .where(p.c.time >= start, p.c.time < end))
     groups: dict[tuple[str, str], list] = {}
     for r in rows:
         groups.setdefault((r["model"], r["version"]), []).append((r["label"], r["outputs"]))
@@ -151,23 +152,20 @@ async def compute_quality(engine: AsyncEngine, window_s: int, now: datetime | No
         results.append({"model": model, "version": version, "window_start": start, "window_end": end, **m})
     if results:
         async with engine.begin() as conn:
-            await conn.execute(text("""
-                INSERT INTO pipeline.quality (model, version, window_start, window_end, n, positives, accuracy,
-                                              "precision", recall, f1, roc_auc, counts, computed_at)
-                VALUES (:model, :version, :window_start, :window_end, :n, :positives, :accuracy, :precision,
-                        :recall, :f1, :roc_auc, CAST(:counts AS jsonb), :end)"""),
-                [{**r, "counts": json.dumps(r["counts"]), "end": end} for r in results])
+            await conn.execute(insert(quality_table), [
+                {k: r[k] for k in ("model", "version", "window_start", "window_end", "n", "positives", *METRICS,
+                                   "counts")} | {"computed_at": end} for r in results])
     return results
 
 
 async def latest_quality(engine: AsyncEngine, model: str | None = None) -> list[dict]:
     """The most recent stored metrics of each version (of one model, or of all)."""
-    return await fetch_all(engine, """
-        SELECT DISTINCT ON (model, version) model, version, window_start, window_end, n, positives, accuracy,
-               "precision", recall, f1, roc_auc, counts, computed_at
-        FROM pipeline.quality WHERE (CAST(:model AS text) IS NULL OR model = :model)
-        ORDER BY model, version, computed_at DESC, id DESC""", model=model)
-
+    q = quality_table
+    stmt = (select(q.c.model, q.c.version, q.c.window_start, q.c.window_end, q.c.n, q.c.positives,
+                   *(q.c[m] for m in METRICS), q.c.counts, q.c.computed_at)
+            .distinct(q.c.model, q.c.version)
+            .order_by(q.c.model, q.c.version, q.c.computed_at.desc(), q.c.id.desc()))
+    return await fetch_all(engine, stmt if model is None else stmt.where(q.c.model == model))
 
 async def quality_report(engine: AsyncEngine, model: str) -> dict:
     versions = await latest_quality(engine, model)
