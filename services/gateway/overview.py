@@ -372,22 +372,14 @@ class Overview:
     async def _usage(self, up: Upstreams, headers: dict) -> dict:
         """Top principals by rows today: per-principal usage comes from the orchestrator's usage API,
         never from a metrics label (docs/metrics.md)."""
-        try:
-            status, body = await up.orchestrator("/admin/usage?days=1&limit=10", headers)
-        except Exception as exc:  # noqa: BLE001
-            return {"error": f"orchestrator unreachable: {type(exc).__name__}"}
-        if status != 200:
-            return {"error": _error_message(body, status)}
-        return {"principals": json.loads(body).get("principals", [])}
+        doc = await _get_json(up.orchestrator, "orchestrator", "/admin/usage?days=1&limit=10", headers)
+        return doc if "error" in doc else {"principals": doc.get("principals", [])}
 
     async def _jobs(self, up: Upstreams, headers: dict) -> dict:
-        try:
-            status, body = await up.pipeline("/v1/jobs?limit=50", headers)
-        except Exception as exc:  # noqa: BLE001
-            return {"error": f"pipeline unreachable: {type(exc).__name__}"}
-        if status != 200:
-            return {"error": _error_message(body, status)}
-        jobs = json.loads(body).get("jobs", [])
+        doc = await _get_json(up.pipeline, "pipeline", "/v1/jobs?limit=50", headers)
+        if "error" in doc:
+            return doc
+        jobs = doc.get("jobs", [])
         # Running jobs first, then the most recent others (the list is newest first).
         active = [j for j in jobs if j.get("status") in JOB_STATES_ACTIVE]
         recent = [j for j in jobs if j.get("status") not in JOB_STATES_ACTIVE][:10]
@@ -415,6 +407,17 @@ def _worst(statuses) -> str:
     if any(s == "ready" for s in statuses):
         return "degraded"
     return min(statuses, key=lambda s: _ORDER.get(s, 2))
+
+
+async def _get_json(call, name: str, path: str, headers: dict) -> dict:
+    """An upstream's JSON object, or {"error": why} when it cannot be reached or answers an error."""
+    try:
+        status, body = await call(path, headers)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{name} unreachable: {type(exc).__name__}"}
+    if status != 200:
+        return {"error": _error_message(body, status)}
+    return json.loads(body)
 
 
 def _error_message(body: bytes, status: int) -> str:
