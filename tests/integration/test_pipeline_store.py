@@ -10,7 +10,7 @@ import pytest
 
 from services.chassis.errors import AppError
 from services.pipeline import batch, store, subjects
-from services.pipeline.db import task_engine
+from services.pipeline.db import run_with_engine
 from tests.conftest import schema_database
 
 
@@ -25,15 +25,7 @@ def _values(job_id: str, principal: str = "u1", owner: str | None = None) -> dic
             "chunk_rows": 10, "batch_rows": 10, "principal": principal, "owner": owner}
 
 
-def run(url, fn):
-    async def main():
-        engine = task_engine(url)
-        try:
-            return await fn(engine)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
+run = run_with_engine
 
 
 def test_a_poll_never_reads_all_chunks_done_while_running(pipeline_db):
