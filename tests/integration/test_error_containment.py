@@ -8,10 +8,11 @@ import socket
 
 import httpx
 import orjson
+import pytest
 from fastapi import FastAPI
 
 from services.chassis.clients import http_client
-from services.chassis.errors import install_error_handlers
+from services.chassis.errors import ContainErrors, install_error_handlers
 from services.chassis.upstream import Proxy, UpstreamPool
 from tests.conftest import ServedApp
 
@@ -132,3 +133,13 @@ async def test_gateway_proxy_after_an_upstream_500_never_answers_502():
                 for _ in range(2):
                     statuses.append((await proxy.forward("POST", "/ok", b"", {})).status_code)
     assert statuses == [500, 200, 200] * 5
+
+
+@pytest.mark.parametrize("service", ["gateway", "auth", "orchestrator", "model", "features", "pipeline"])
+def test_every_service_app_has_the_containment_outermost(service):
+    """Item 7 is platform-wide: every service builds its app through the chassis."""
+    import importlib
+
+    module = importlib.import_module(f"services.{service}.app")
+    app = module.create_app()
+    assert isinstance(app.build_middleware_stack(), ContainErrors)
