@@ -41,7 +41,7 @@ def serve(repo: Path, batching: bool) -> tuple[subprocess.Popen, str]:
     port = _port()
     env = {**os.environ, "MODEL_REPOSITORY": str(repo), "MODEL_PORT": str(port),
            "MODEL_DYNAMIC_BATCHING": str(batching).lower(), "MODEL_LOG_LEVEL": "WARNING",
-           "MODEL_READY_MAX_CPU_PERCENT": "100", "OTEL_SDK_DISABLED": "true"}
+           "OTEL_SDK_DISABLED": "true"}
     proc = subprocess.Popen([sys.executable, "-m", "services.model"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

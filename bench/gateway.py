@@ -121,7 +121,6 @@ def main() -> None:
                  # the limiter still runs (one Redis script call per request); it just never says no
                  "GATEWAY_RATE_LIMIT_RPM": json.dumps({"admin": 10_000_000})}
         quiet.update({f"{n.upper()}_LOG_LEVEL": "WARNING" for n in DEFAULT_PORTS})
-        quiet.update({f"{n.upper()}_READY_MAX_CPU_PERCENT": "100" for n in DEFAULT_PORTS})
         stack = Stack(Path(tmp), database_url=database_url, redis_url=os.environ.get("REDIS_URL"),
                       ports={n: _port() for n in DEFAULT_PORTS}, worker=False, extra_env=quiet)
         stack.start()

@@ -11,7 +11,7 @@ import heapq
 import json
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -19,7 +19,7 @@ from pathlib import Path
 class Line:
     time: str
     source: str
-    record: dict
+    record: dict = field(compare=False)
 
     def render(self) -> str:
         r = self.record

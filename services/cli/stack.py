@@ -20,6 +20,7 @@ import httpx
 
 DEFAULT_PORTS = {"gateway": 8000, "auth": 8001, "orchestrator": 8002, "model": 8003, "features": 8004,
                  "pipeline": 9100}
+START_TIERS = (("model", "features", "auth"), ("orchestrator",), ("gateway", "pipeline", "worker"))
 LOCK_FILE = "aistack.lock"  # in the data dir: flock held by the running `aistack up`, JSON about it
 
 
@@ -115,9 +116,16 @@ class Stack:
 
             upgrade_all(self.database_url)
             build(self.models_dir)
-            for proc in self._plan():
-                self._spawn(proc)
-            self._wait_ready(ready_timeout)
+            deadline = time.monotonic() + ready_timeout
+            plan = {proc.name: proc for proc in self._plan()}
+            # In dependency order, each tier ready before the next starts (as compose's
+            # depends_on: service_healthy): a caller never meets a callee still starting, so a
+            # clean start logs no connection errors or replica ejections.
+            for tier in START_TIERS:
+                for name in tier:
+                    if name in plan:
+                        self._spawn(plan[name])
+                self._wait_ready(max(1.0, deadline - time.monotonic()))
         except BaseException:
             self.stop()
             raise

@@ -163,7 +163,7 @@ def test_aistack_logs_follows_one_prediction_through_every_service(up):
         marker = httpx.get(f"{gw}/v1/predict/does-not-exist", headers={"Authorization": f"Bearer {token}"},
                            timeout=30).headers.get("x-trace-id")
         assert marker
-        deadline = time.monotonic() + 60
+        deadline, record = time.monotonic() + 60, {}
         for line in follow.stdout:
             record = json.loads(line)
             assert record["service"] == "gateway"

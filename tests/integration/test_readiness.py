@@ -20,7 +20,7 @@ async def ready(app) -> httpx.Response:
 
 def settings(**kw) -> FeaturesSettings:
     # Demo seeding needs a reachable database; these tests are about readiness only.
-    return FeaturesSettings(ready_max_cpu_percent=100, ready_max_memory_percent=100, seed_demo=False, **kw)
+    return FeaturesSettings(seed_demo=False, **kw)
 
 
 async def test_ready_when_dependencies_answer(database_url, redis_url):

@@ -32,8 +32,7 @@ def serve() -> None:
     from services.chassis.settings import ServiceSettings
 
     started, release = Path(os.environ["TEST_STARTED_FILE"]), Path(os.environ["TEST_RELEASE_FILE"])
-    settings = ServiceSettings(service_name="shutdown-test", port=int(os.environ["TEST_PORT"]),
-                               ready_max_cpu_percent=100, ready_max_memory_percent=100)
+    settings = ServiceSettings(service_name="shutdown-test", port=int(os.environ["TEST_PORT"]))
 
     def factory() -> FastAPI:
         app = create_service_app(settings, title="aistack shutdown test")
