@@ -28,6 +28,7 @@ from .schemas import (
     UserOut,
     UserUpdate,
 )
+from .service import ROLE_SCOPES
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
 admin = APIRouter(prefix="/admin", tags=["admin"])
@@ -158,6 +159,13 @@ async def create_api_key(body: ApiKeyCreate, principal: AdminPrincipal, auth: Au
                          response: Response, audit: Audit) -> ApiKeyCreated:
     # A key minted by a key belongs to that key's owner: every key has a user behind it.
     owner = principal.sub if principal.kind == "user" else principal.claims.get("owner")
+    if body.owner_id is not None:  # an admin issuing a key to a user: within that user's role
+        user = await auth.get_user(body.owner_id)
+        if user.disabled:
+            raise AppError(422, "owner_disabled", "the owner's account is disabled")
+        if not set(ROLE_SCOPES[body.role]) <= set(ROLE_SCOPES[user.role]):
+            raise AppError(422, "role_beyond_owner", f"the owner's role {user.role} does not grant role {body.role}")
+        owner = str(user.id)
     row, key = await auth.create_api_key(body.name, body.role, body.scopes, body.expires_in_s,
                                          body.rate_limit_rpm, owner)
     response.headers.update(NO_STORE)

@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -383,6 +383,8 @@ class Subjects:
         async with self.sessions() as session:
             e = await session.get(Erasure, erasure_id)
         user_id, subject = e.user_id, e.subject_hash
+        if e.state == "done":  # finished meanwhile by another replica or the retry loop
+            return {"erasure_id": erasure_id.hex, "subject_hash": subject, "state": "done"}
         user, keys, _, _ = await self._state(user_id)
         counts: dict[str, dict[str, int]] = {s: dict(c.get("counts", {})) for s, c in e.confirmed.items()}
         auth_counts: dict[str, int] = {}
@@ -417,8 +419,11 @@ class Subjects:
 
     async def retry_pending(self) -> int:
         """One round of the background loop: advance every erasure not done yet."""
+        # "frozen" ones are in the hands of a request unless that request died (an old one).
+        stuck = datetime.now(UTC) - timedelta(seconds=60)
         async with self.sessions() as session:
-            ids = list(await session.scalars(select(Erasure.id).where(Erasure.state != "done")))
+            ids = list(await session.scalars(select(Erasure.id).where(
+                (Erasure.state == "erasing") | ((Erasure.state == "frozen") & (Erasure.created_at < stuck)))))
         for erasure_id in ids:
             await self.advance(erasure_id)
         return len(ids)

@@ -54,6 +54,9 @@ class ApiKeyCreate(BaseModel):
     scopes: list[str] | None = None
     expires_in_s: int | None = Field(default=None, gt=0, le=10 * 365 * 86400)  # at most ten years
     rate_limit_rpm: int | None = Field(default=None, gt=0, le=2**31 - 1)
+    # The user the key belongs to (default: the caller, or the owner of the calling key). The key
+    # acts with at most that user's current rights, and is erased with them.
+    owner_id: uuid.UUID | None = None
 
 
 class ApiKeyOut(BaseModel):

@@ -20,13 +20,15 @@ def gateway(stack, admin_headers):
 
 
 def test_every_service_serves_health_ready_metrics_openapi(stack):
+    # The gateway serves /metrics and /openapi.json to operators only (issue 13): the internal token.
+    operator = {"X-Internal-Token": next(p.env for p in stack.procs if p.name == "gateway")["INTERNAL_TOKEN"]}
     for name in ("gateway", "auth", "orchestrator", "model", "features", "pipeline"):
         base = stack.url(name)
         assert httpx.get(f"{base}/health").json()["status"] == "ok", name
         ready = httpx.get(f"{base}/ready")
         assert ready.status_code == 200, (name, ready.text)
-        assert "aistack_http_requests_total" in httpx.get(f"{base}/metrics").text or name == "pipeline"
-        assert httpx.get(f"{base}/openapi.json").json()["info"]["title"].startswith("aistack"), name
+        assert "aistack_http_requests_total" in httpx.get(f"{base}/metrics", headers=operator).text or name == "pipeline"
+        assert httpx.get(f"{base}/openapi.json", headers=operator).json()["info"]["title"].startswith("aistack"), name
 
 
 def test_prediction_through_gateway_is_the_models_real_output(stack, gateway, models_dir):
