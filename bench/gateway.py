@@ -5,7 +5,8 @@
    so that drift hits both alike. The answer comes from the orchestrator's cache on both paths,
    so the ratio shows the gateway's own cost.
 2. Local JWT verifications per second (RS256, one core): the gateway's verify() with a cached
-   JWKS, and jose's decode alone.
+   JWKS, with and without the revocation check (issue 13: auth's revocations held in memory, here
+   10,000 entries), rounds interleaved; and jose's decode alone.
 
 Starts the stack as processes (services.cli.stack.Stack, no Celery worker) on free ports. With
 DATABASE_URL set, a throwaway database is created on that server and dropped afterwards; REDIS_URL
@@ -80,18 +81,41 @@ def jwt_rate(stack, token: str, seconds: float) -> dict[str, float]:
     async def fetch():
         return httpx.get(f"{stack.url('auth')}/.well-known/jwks.json", timeout=10).json()  # noqa: ASYNC210
 
-    verifier = TokenVerifier(JWKSCache(fetch, 300, 5), s.jwt_issuer, s.jwt_audience, s.algorithms, s.jwt_leeway_s)
+    from services.gateway.revocation import RevocationMap
 
-    async def full() -> float:
-        await verifier.verify(token)
+    jwks = JWKSCache(fetch, 300, 5)
+    verifier = TokenVerifier(jwks, s.jwt_issuer, s.jwt_audience, s.algorithms, s.jwt_leeway_s)
+    revocations = RevocationMap(None, grace_s=1e9)  # as if subscribed: alive, 10,000 entries
+    revocations.entries = {f"user:{i:08d}": time.time() - 60 for i in range(10_000)}
+    revocations.alive_at = time.monotonic()
+    checked = TokenVerifier(jwks, s.jwt_issuer, s.jwt_audience, s.algorithms, s.jwt_leeway_s, revocations)
+
+    async def rate(v: TokenVerifier, budget: float) -> tuple[int, float]:
         n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
+        while time.perf_counter() - t0 < budget:
             for _ in range(100):
-                await verifier.verify(token)
+                await v.verify(token)
             n += 100
-        return n / (time.perf_counter() - t0)
+        return n, time.perf_counter() - t0
 
-    verify_rate = asyncio.run(full())
+    async def full() -> tuple[float, float]:
+        await verifier.verify(token)
+        totals = {"plain": [0, 0.0], "checked": [0, 0.0]}
+        for r in range(10):  # interleaved rounds: drift hits both alike
+            for name, v in ((("plain", verifier), ("checked", checked)) if r % 2 == 0
+                            else (("checked", checked), ("plain", verifier))):
+                n, t = await rate(v, seconds / 10)
+                totals[name][0] += n
+                totals[name][1] += t
+        return totals["plain"][0] / totals["plain"][1], totals["checked"][0] / totals["checked"][1]
+
+    verify_rate, checked_rate = asyncio.run(full())
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(1000):
+            revocations.not_before("user:not-there", "sid:not-there")
+        n += 1000
+    lookup_ns = (time.perf_counter() - t0) / n * 1e9
     header = jwt.get_unverified_header(token)
     alg, key = verifier.jwks.keys[header["kid"]]
     n, t0 = 0, time.perf_counter()
@@ -99,7 +123,8 @@ def jwt_rate(stack, token: str, seconds: float) -> dict[str, float]:
         for _ in range(100):
             verifier.decode(token, alg, key)
         n += 100
-    return {"verify": verify_rate, "decode": n / (time.perf_counter() - t0), "alg": alg}
+    return {"verify": verify_rate, "verify_checked": checked_rate, "revocation_lookup_ns": lookup_ns,
+            "decode": n / (time.perf_counter() - t0), "alg": alg}
 
 
 def main() -> None:
@@ -155,12 +180,18 @@ def main() -> None:
             print("| " + " | ".join(row) + " |")
         print(f"\n| local JWT verification ({rates['alg']}, one core) | per second |\n|---|---|")
         print(f"| gateway TokenVerifier.verify (header, kid lookup, signature, claims) | {rates['verify']:,.0f} |")
+        print(f"| the same plus the revocation check (10,000 entries in memory) | {rates['verify_checked']:,.0f} |")
+        cost_us = (1 / rates["verify_checked"] - 1 / rates["verify"]) * 1e6
+        print(f"\nRevocation check: {rates['revocation_lookup_ns']:,.0f} ns per lookup alone; "
+              f"{cost_us:+.2f} µs per verification side by side (no network round trip).")
         print(f"| python-jose decode alone | {rates['decode']:,.0f} |")
     else:
         for row in rows:
             print(f"{row[0]:<34} gateway {row[1]:>8}  direct {row[2]:>8}  ratio {row[3]}")
         print(f"gateway overhead p50: {p50['gateway'] - p50['direct']:.2f} ms")
-        print(f"JWT verifications/s ({rates['alg']}): verify {rates['verify']:,.0f}, decode {rates['decode']:,.0f}")
+        print(f"JWT verifications/s ({rates['alg']}): verify {rates['verify']:,.0f}, "
+              f"with revocation check {rates['verify_checked']:,.0f}, decode {rates['decode']:,.0f}")
+        print(f"revocation lookup alone: {rates['revocation_lookup_ns']:,.0f} ns")
 
 
 if __name__ == "__main__":

@@ -155,3 +155,99 @@ def test_route_table_scopes():
     public = {r.path for r in ROUTES if r.scope is None}
     assert public == {"/v1/auth/token", "/v1/auth/refresh", "/v1/auth/logout", "/v1/auth/register",
                       "/.well-known/jwks.json"}
+
+
+# -- issue 13: revocation from memory, malformed headers, failed-auth limit ------------------------
+def _revocations(entries: dict, alive: bool = True):
+    from services.gateway.revocation import RevocationMap
+
+    m = RevocationMap(None, grace_s=3.0)
+    m.entries = dict(entries)
+    m.alive_at = time.monotonic() if alive else time.monotonic() - 10
+    return m
+
+
+def _checked(revocations) -> TokenVerifier:
+    v = verifier()
+    v.revocations = revocations
+    return v
+
+
+async def test_a_token_issued_before_its_users_or_sessions_not_before_is_refused():
+    now = time.time()
+    token = sign(claims(iat=round(now - 5, 3), sid="s1"))
+    assert (await _checked(_revocations({"user:u2": now})).verify(token)).sub == "u1"
+    for entry in ({"user:u1": now}, {"sid:s1": now}):
+        with pytest.raises(AppError) as exc:
+            await _checked(_revocations(entry)).verify(token)
+        assert exc.value.status == 401 and exc.value.message == "token revoked"
+    later = sign(claims(iat=round(now + 0.5, 3), sid="s1"))  # issued after the revocation
+    assert (await _checked(_revocations({"user:u1": now})).verify(later)).sub == "u1"
+
+
+async def test_revocations_fail_closed_when_the_subscription_is_down_past_the_grace():
+    with pytest.raises(AppError) as exc:
+        await _checked(_revocations({}, alive=False)).verify(sign(claims()))
+    assert exc.value.status == 503 and exc.value.headers["Retry-After"]
+    never = _revocations({})
+    never.alive_at = None  # never subscribed
+    with pytest.raises(AppError):
+        never.not_before("user:u1")
+
+
+def test_revocation_events_only_move_not_before_forward():
+    m = _revocations({"user:u1": 100.0})
+    m.apply(json.dumps({"subject": "user:u1", "not_before": 50.0}))
+    m.apply(b"not json")
+    m.apply(json.dumps({"subject": "user:u2", "not_before": 70.5}))
+    assert m.entries == {"user:u1": 100.0, "user:u2": 70.5}
+
+
+@pytest.mark.parametrize("header", [{"alg": ["RS256"], "kid": KID}, {"alg": {"x": 1}, "kid": KID},
+                                    {"alg": "RS256\u00e9\u4e2d", "kid": KID}, {"alg": 'RS256"', "kid": KID},
+                                    ["a"], "s", 1, None])
+async def test_malformed_headers_are_401_with_an_ascii_challenge(header):
+    """Issue 13 defect 6: alg as a list, an object, non-Latin-1, a quote: 401, never 500."""
+    token = f"{b64(header)}.{b64(claims())}.c2ln"
+    with pytest.raises(AppError) as exc:
+        await verifier().verify(token)
+    challenge = exc.value.headers["WWW-Authenticate"]
+    assert exc.value.status == 401 and challenge.isascii() and challenge.count('"') % 2 == 0
+    challenge.encode("latin-1")
+
+
+def test_header_values_are_escaped():
+    from services.gateway.security import header_safe, unauthorized
+
+    assert header_safe('a"b\\c\u00e9\n') == "a?b?c??"
+    challenge = unauthorized('token algorithm \'RS"256\' is not allowed').headers["WWW-Authenticate"]
+    assert challenge.endswith('error_description="token algorithm \'RS?256\' is not allowed"')
+
+
+async def test_failed_authentications_block_an_address_in_memory_after_the_limit():
+    from services.gateway.security import FailedAuthLimiter
+
+    class FakeRedis:
+        def __init__(self):
+            self.n = 0
+
+        async def eval(self, script, nkeys, key, window):
+            self.n += 1
+            return [self.n, 60]
+
+    limiter = FailedAuthLimiter(FakeRedis(), limit=3)
+    for _ in range(2):
+        await limiter.failed("192.0.2.1")
+        limiter.check("192.0.2.1")
+    await limiter.failed("192.0.2.1")
+    with pytest.raises(AppError) as exc:
+        limiter.check("192.0.2.1")
+    assert exc.value.status == 429 and int(exc.value.headers["Retry-After"]) >= 1
+    limiter.check("192.0.2.2")  # another address is not affected
+
+
+def test_upstream_redirects_lose_their_internal_address():
+    from services.gateway.service import public_location
+
+    assert public_location("http://127.0.0.1:8001/admin/users?limit=5") == "/admin/users?limit=5"
+    assert public_location("/admin/users") == "/admin/users"
