@@ -100,14 +100,25 @@ class OfflineStore:
         self.engine = engine
 
     async def insert(self, view: str, rows: Sequence[OnlineRow], source: str,
-                     conn: AsyncConnection | None = None) -> list[OnlineRow]:
-        """Append rows (in chunks; in `conn`'s transaction when given, else in one of its own);
-        returns them with their offline version (created_at, id)."""
-        if not rows:
-            return []
+                     conn: AsyncConnection | None = None) -> int:
+        """Append rows (in chunks; in `conn`'s transaction when given, else in one of its own)."""
+        await self._append(view, rows, source, conn, None)
+        return len(rows)
+
+    async def insert_versioned(self, view: str, rows: Sequence[OnlineRow], source: str) -> list[OnlineRow]:
+        """Append rows in one transaction; returns them with their offline version (created_at, id),
+        which the online store compares at equal event times."""
         out: list[OnlineRow] = []
-        stmt = insert(offline_rows).returning(offline_rows.c.id, offline_rows.c.created_at,
-                                              sort_by_parameter_order=True)
+        await self._append(view, rows, source, None, out)
+        return out
+
+    async def _append(self, view: str, rows: Sequence[OnlineRow], source: str, conn: AsyncConnection | None,
+                      versioned: list[OnlineRow] | None) -> None:
+        if not rows:
+            return
+        stmt = insert(offline_rows)
+        if versioned is not None:
+            stmt = stmt.returning(offline_rows.c.id, offline_rows.c.created_at, sort_by_parameter_order=True)
 
         async def run(c: AsyncConnection) -> None:
             for i in range(0, len(rows), _INSERT_CHUNK):
@@ -115,15 +126,15 @@ class OfflineStore:
                 result = await c.execute(stmt, [
                     {"view": view, "entity_key": r.entity_key, "values": r.values, "source": source,
                      "event_time": from_ms(r.event_ms)} for r in part])
-                out.extend(OnlineRow(r.entity_key, r.event_ms, r.values, (created - EPOCH) // _US, row_id)
-                           for r, (row_id, created) in zip(part, result.all()))
+                if versioned is not None:
+                    versioned.extend(OnlineRow(r.entity_key, r.event_ms, r.values, (created - EPOCH) // _US, row_id)
+                                     for r, (row_id, created) in zip(part, result.all()))
 
         if conn is not None:
             await run(conn)
         else:
             async with self.engine.begin() as c:
                 await run(c)
-        return out
 
     async def latest_for_keys(self, view: Any, keys: Sequence[str]) -> list[OnlineRow]:
         """The newest committed row of each key (what the online store must hold for it)."""

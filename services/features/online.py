@@ -6,6 +6,7 @@ Layout (keys prefixed `features:`):
                                                 _v -> "<offline created_at µs>:<offline row id>",
                                                 <feature> -> JSON value
     features:newest:<view>                string  newest event time written online (epoch ms)
+    features:ttl:<view>                   string  the TTL the view's keys were last expired with
 
 A Lua script writes a hash only when its (event time, created_at, id) is newer than the stored
 one: an older event never replaces a newer one, and at one event time the row the offline store
@@ -126,6 +127,19 @@ class OnlineStore:
     def newest_key(self, view: str) -> str:
         return f"{self.prefix}newest:{view}"
 
+    def ttl_key(self, view: str) -> str:
+        return f"{self.prefix}ttl:{view}"
+
+    async def applied_ttls(self, views: Sequence[str]) -> dict[str, int | None]:
+        """The TTL each view's keys were last expired with (None: not recorded)."""
+        if not views:
+            return {}
+        raw = await self.redis.mget([self.ttl_key(v) for v in views])
+        return {v: (int(r) if r is not None else None) for v, r in zip(views, raw)}
+
+    async def set_applied_ttl(self, view: str, ttl_s: int) -> None:
+        await self.redis.set(self.ttl_key(view), ttl_s)
+
     def _expire_at(self, event_ms: int, ttl_s: int, now_ms: int) -> int:
         """Keep an expired value readable (as 'expired') for a grace period, then let Redis drop it."""
         if ttl_s <= 0:
@@ -212,5 +226,5 @@ class OnlineStore:
         n = 0
         async for key in self.redis.scan_iter(match=f"{self.prefix}online:{view}:*", count=1000):
             n += await self.redis.unlink(key)
-        await self.redis.unlink(self.newest_key(view))
+        await self.redis.unlink(self.newest_key(view), self.ttl_key(view))
         return n

@@ -286,12 +286,6 @@ def _ttl_raised(old: int, new: int) -> bool:
     return old > 0 and (new == 0 or new > old)
 
 
-def ttl_changes(changes: Sequence[Change]) -> list[tuple[str, int]]:
-    """(view, new ttl) for every view whose TTL an apply or put changed."""
-    return [(c.name, c.diff["ttl_seconds"][1]) for c in changes
-            if c.kind == "feature_view" and "ttl_seconds" in c.diff]
-
-
 def load_doc(path: str | Path) -> RegistryDoc:
     """Read a declarative registry file (YAML, or JSON which YAML also reads)."""
     import yaml

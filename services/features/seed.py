@@ -62,11 +62,11 @@ async def seed_demo(store: FeatureStore, customers: int = 1000, snapshots: int =
             stale = newest is not None and view.ttl_seconds > 0 and \
                 now - newest > timedelta(seconds=view.ttl_seconds / 2)
             if newest is None:
-                report["seeded_rows"] = len(await store.offline.insert(
-                    view.name, demo_rows(customers, snapshots, now), DEMO_SOURCE))
+                report["seeded_rows"] = await store.offline.insert(
+                    view.name, demo_rows(customers, snapshots, now), DEMO_SOURCE)
             elif stale and await store.offline.only_source(view.name, DEMO_SOURCE):
-                report["seeded_rows"] = len(await store.offline.insert(
-                    view.name, demo_rows(customers, 1, now), DEMO_SOURCE))
+                report["seeded_rows"] = await store.offline.insert(
+                    view.name, demo_rows(customers, 1, now), DEMO_SOURCE)
             if store.online_store is not None:
                 report["materialized"] = await store.materialize([view.name])
                 probe = await store.online_store.read([OnlineLookup(view.name, demo_id(0), ["_ts"])])

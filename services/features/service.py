@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.chassis.errors import AppError
@@ -31,7 +32,7 @@ from .materialize import Materializer, utcnow
 from .offline import OfflineStore, as_dtypes, float_features
 from .online import OLDER, UNCHANGED, WRITTEN, OnlineLookup, OnlineRow, OnlineStore, WriteCounts
 from .pii import PiiCipher
-from .registry import Registry, RegistryStore, Selection, select_features, ttl_changes
+from .registry import Registry, RegistryStore, Selection, select_features
 from .schemas import Change, EntitySpec, FeatureView, FeatureViewSpec, RegistryDoc
 
 log = logging.getLogger("aistack.features")
@@ -57,29 +58,46 @@ class FeatureStore:
         self.max_online_ids = max_online_ids
         self.max_historical_rows = max_historical_rows
         self.max_push_rows = max_push_rows
+        self._ttls_checked: Registry | None = None
 
     # -- registry ------------------------------------------------------------------------------
     async def registry(self, fresh: bool = False) -> Registry:
-        return await self.registry_store.snapshot(fresh)
+        reg = await self.registry_store.snapshot(fresh)
+        if self.online_store is not None and reg is not self._ttls_checked:
+            try:
+                await self._apply_ttls(reg)
+            except (RedisError, OSError) as exc:  # offline work never waits for Redis; retried next load
+                log.warning("online TTLs not checked (Redis: %s)", exc)
+        return reg
 
     async def apply(self, doc: RegistryDoc, dry_run: bool = False) -> list[Change]:
         changes = await self.registry_store.apply(doc, dry_run)
         if not dry_run:
-            await self._apply_ttls(changes)
+            await self.registry(fresh=True)
         return changes
 
     async def put(self, kind: str, spec: EntitySpec | FeatureViewSpec, create_only: bool = False) -> Change:
         change = await self.registry_store.put(kind, spec, create_only)
-        await self._apply_ttls([change])
+        await self.registry(fresh=True)
         return change
 
-    async def _apply_ttls(self, changes: Sequence[Change]) -> None:
-        """A TTL change applies to values already online: their keys get the new expiry."""
-        if self.online_store is None:
-            return
-        for view, ttl in ttl_changes(changes):
-            n = await self.online_store.reexpire(view, ttl, to_ms(utcnow()))
-            log.info("view %s: TTL now %ds, re-expired %d online keys", view, ttl, n)
+    async def _apply_ttls(self, reg: Registry) -> None:
+        """A TTL change applies to values already online: their keys get the new expiry.
+
+        Redis remembers the TTL each view's keys were last expired with, so a change made
+        anywhere (this replica, another one, `aistack features apply`, before a restart) is
+        applied by the first replica that loads the new registry.
+        """
+        applied = await self.online_store.applied_ttls(list(reg.views))
+        for view in reg.views.values():
+            before = applied.get(view.name)
+            if before is not None and before != view.ttl_seconds:
+                n = await self.online_store.reexpire(view.name, view.ttl_seconds, to_ms(utcnow()))
+                log.info("view %s: TTL %ds -> %ds, re-expired %d online keys", view.name, before,
+                         view.ttl_seconds, n)
+            if before != view.ttl_seconds:
+                await self.online_store.set_applied_ttl(view.name, view.ttl_seconds)
+        self._ttls_checked = reg
 
     async def delete(self, kind: str, name: str) -> Change:
         change = await self.registry_store.delete(kind, name)
@@ -173,7 +191,7 @@ class FeatureStore:
         offline = 0
         counts = WriteCounts()
         if to in ("online_and_offline", "offline"):
-            stored = await self.offline.insert(view.name, typed, "push")
+            stored = await self.offline.insert_versioned(view.name, typed, "push")
             offline = len(stored)
             m.ROWS_WRITTEN.labels(view.name, "offline", "push").inc(offline)
             if to == "online_and_offline":
@@ -247,7 +265,7 @@ class FeatureStore:
             exc.message = "invalid rows: " + ", ".join(
                 sorted({f"row {d['loc'][1]} {d['loc'][2]}: {d['msg']}" for d in (exc.details or [])[:10]}))
             raise
-        return len(await self.offline.insert(view.name, self.seal_rows(view, typed), source, conn))
+        return await self.offline.insert(view.name, self.seal_rows(view, typed), source, conn)
 
     # -- reads ---------------------------------------------------------------------------------
     def _keys(self, sel: Selection, ids: Sequence[Any], loc: str) -> list[str]:

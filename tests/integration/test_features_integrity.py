@@ -254,3 +254,21 @@ async def test_an_identical_rewrite_is_not_counted_as_older(fs):
     # Two rows of one key in one push: the last one is the newest, the first one is "older".
     both = await push(client, view, [{**row, "n": 5}, {**row, "n": 6}])
     assert (both["online_written"], both["online_skipped_older"]) == (1, 1)
+
+
+async def test_a_ttl_change_made_elsewhere_applies_online(fs):
+    """`aistack features apply` (Postgres only) or another replica changed the TTL: the store
+    that loads the new registry re-expires the keys."""
+    from services.features.registry import RegistryStore
+    from services.features.schemas import FeatureViewSpec
+
+    client, store = fs
+    ent, view = await make_view(client, ttl_seconds=60)
+    await push(client, view, [{"user_id": "u1", "event_time": iso(datetime.now(UTC)), "n": 1, "score": 1.0}])
+    redis, key = store.online_store.redis, store.online_store.key(view, "u1")
+    assert await redis.pttl(key) > 0
+    elsewhere = RegistryStore(store.engine)
+    await elsewhere.put("feature_view", FeatureViewSpec(name=view, entity=ent, ttl_seconds=0, features=[
+        {"name": "n", "dtype": "int"}, {"name": "score", "dtype": "float"}]))
+    await store.registry(fresh=True)  # what the next request does within FEATURES_REGISTRY_CACHE_S
+    assert await redis.pttl(key) == -1
