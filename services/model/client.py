@@ -29,6 +29,7 @@ from services.chassis.upstream import UpstreamError
 __all__ = [
     "BASELINE",
     "NAME_PATTERN",
+    "SERVER_PARAMETERS",
     "AsyncModelClient",
     "FeatureBinding",
     "InvalidName",
@@ -45,6 +46,7 @@ __all__ = [
     "error_from_response",
     "infer_path",
     "is_valid_name",
+    "manifest_parameters",
     "metadata_path",
     "unreachable",
 ]
@@ -128,6 +130,17 @@ class FeatureBinding:
         """The manifest parameters that declare this binding (what from_parameters reads)."""
         return {"entity": self.entity, "feature_view": self.view, "join_key": self.join_key,
                 "request_features": list(self.request_features)}
+
+
+# Keys the server adds to a version's manifest parameters in its v2 metadata (service.DataPlane.metadata).
+SERVER_PARAMETERS = frozenset({"version", "device", "precision", "runtime", "max_batch_size",
+                               "max_queue_delay_ms", "dynamic_batching", "digest"})
+
+
+def manifest_parameters(metadata: Mapping) -> dict:
+    """The manifest's own parameters of the version that `metadata` describes (what a new version
+    built from it carries over), without what the server added."""
+    return {k: v for k, v in (metadata.get("parameters") or {}).items() if k not in SERVER_PARAMETERS}
 
 
 # -- encoder / decoder -----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from services.model.client import (
     decode_columns,
     encode_columns,
     is_valid_name,
+    manifest_parameters,
 )
 
 from . import validation
@@ -79,11 +80,6 @@ def point_in_time_set(examples: list[dict], features: list[str], join_key: str,
 
 
 # -- training ----------------------------------------------------------------------------------------
-# Metadata parameters the model server adds to a manifest's own (service.DataPlane.metadata).
-_SERVER_PARAMETERS = ("version", "device", "precision", "runtime", "max_batch_size", "max_queue_delay_ms",
-                      "dynamic_batching")
-
-
 def current_model(models: ModelClient, model: str) -> dict | None:
     """The served (latest ready) version's v2 metadata, or None when the server has no such model."""
     try:
@@ -143,7 +139,7 @@ def train_and_register(models: ModelClient, model: str, columns: dict[str, list]
     cur_version = meta["parameters"]["version"]
     features = [t["name"] for t in meta["inputs"]]
     cur_est = RemoteEstimator(models, meta)
-    params = {k: v for k, v in meta["parameters"].items() if k not in _SERVER_PARAMETERS}
+    params = manifest_parameters(meta)
     reference = params.get("positive_share")
     x_all = None
     try:

@@ -384,3 +384,14 @@ async def test_a_versions_baseline_comes_from_the_server(repo_server):
     assert await models.baseline("fraud", "1") is None
     r = await repo_server.get("/v2/models/fraud/versions/9/baseline")
     assert r.status_code == 404 and "no version" in r.json()["error"]
+
+
+async def test_the_contract_knows_every_parameter_the_server_adds(client, models_dir):
+    """manifest_parameters (what a retrained version carries over) = the manifest's own parameters."""
+    from services.model.client import SERVER_PARAMETERS, manifest_parameters
+    from services.model.repository import read_manifest
+
+    meta = (await client.get("/v2/models/fraud/versions/2")).json()
+    own = read_manifest(models_dir / "fraud" / "2").parameters
+    assert manifest_parameters(meta) == own
+    assert set(meta["parameters"]) - set(own) == SERVER_PARAMETERS
