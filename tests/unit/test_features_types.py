@@ -108,3 +108,46 @@ def test_change_formatting():
                                 diff={"ttl_seconds": [60, 120], "features": {"added": ["z"], "removed": [],
                                                                              "changed": []}}))
     assert line.startswith("~ feature_view v: updated (v2)") and "60 -> 120" in line and "added z" in line
+
+
+def test_values_beyond_their_type_are_refused_naming_the_bound():
+    from services.features.dtypes import INT_MAX, INT_MIN, MAX_STRING_CHARS, entity_key
+
+    assert check_value("int", INT_MAX) == INT_MAX and check_value("int", INT_MIN) == INT_MIN
+    for dtype, value, words in [("int", INT_MAX + 1, "64-bit"), ("int", INT_MIN - 1, "64-bit"),
+                                ("int", 2.0**70, "64-bit"), ("float", 10**400, "double"),
+                                ("string", "x" * (MAX_STRING_CHARS + 1), str(MAX_STRING_CHARS)),
+                                ("string", "a\x00", "NUL"), ("string", "\ud800", "surrogate")]:
+        with pytest.raises(ValueError, match=words):
+            check_value(dtype, value)
+    assert check_value("float", 10**300) == 1e300
+    assert entity_key("int", "42") == "42" and entity_key("string", "C1") == "C1"
+    for dtype, value in [("int", 2**63), ("int", "9" * 30), ("string", ""), ("string", "x" * 513),
+                         ("string", "\x00")]:
+        with pytest.raises(ValueError):
+            entity_key(dtype, value)
+
+
+def test_event_times_are_truncated_to_the_millisecond_and_bounded():
+    from services.features.dtypes import TIME_MAX, from_ms, to_ms
+
+    assert parse_time("9999-12-31T23:59:59.9999Z") == TIME_MAX
+    assert parse_time("2025-12-31T23:59:59.9999Z") == datetime(2025, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+    assert parse_time(1.9999) == datetime(1970, 1, 1, 0, 0, 1, 999000, tzinfo=UTC)
+    assert from_ms(to_ms(TIME_MAX)) == TIME_MAX
+    assert parse_time("0001-01-01T00:00:00.001Z") == datetime(1, 1, 1, 0, 0, 0, 1000, tzinfo=UTC)
+    for bad in ("0001-01-01T00:00:00Z", "9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00", 1e20,
+                float("nan"), "10000-01-01"):
+        with pytest.raises(ValueError, match="out of range|finite|Invalid|invalid|expected"):
+            parse_time(bad)
+
+
+def test_ttl_is_bounded():
+    from services.features.dtypes import MAX_TTL_SECONDS
+
+    for spec in ({"ttl_seconds": MAX_TTL_SECONDS + 1}, {"ttl": "99999999w"}, {"ttl": float("inf")}):
+        with pytest.raises(ValidationError):
+            FeatureViewSpec.model_validate({"name": "v", "entity": "e", "features": [{"name": "a"}], **spec})
+    ok = FeatureViewSpec.model_validate({"name": "v", "entity": "e", "features": [{"name": "a"}],
+                                         "ttl_seconds": MAX_TTL_SECONDS})
+    assert ok.ttl_seconds == MAX_TTL_SECONDS
