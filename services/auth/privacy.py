@@ -246,12 +246,7 @@ class Subjects:
             "features": [],
         }
         for principal in out["principals"]:
-            quoted = "/internal/subjects/" + quote(principal, safe="")
-            pipe = await self._call("pipeline", "GET", quoted)
-            orch = await self._call("orchestrator", "GET", quoted)
-            for name, src in (("predictions", pipe), ("feedback", pipe), ("jobs", pipe),
-                              ("prediction_log", orch), ("feedback_log", orch)):
-                out[name] += [{**item, "principal": principal} for item in src.get(name, [])]
+            await self._principal_data(out, principal)
         for entity, ids in self._entities(links).items():
             out["features"].append(await self._call("features", "GET", "/internal/subjects",
                                                     params={"entity": entity, "ids": ids}))
@@ -273,15 +268,17 @@ class Subjects:
             "api_key": {"id": k.id, "prefix": k.prefix, "name": k.name, "role": k.role, "scopes": k.scopes,
                         "created_at": k.created_at, "expires_at": k.expires_at, "last_used_at": k.last_used_at},
             "predictions": [], "feedback": [], "jobs": [], "prediction_log": [], "feedback_log": []}
+        await self._principal_data(out, principal)
+        return out
+
+    async def _principal_data(self, out: dict, principal: str) -> None:
+        """Add what the pipeline and the orchestrator hold under one principal to an export."""
         quoted = "/internal/subjects/" + quote(principal, safe="")
         pipe = await self._call("pipeline", "GET", quoted)
         orch = await self._call("orchestrator", "GET", quoted)
         for name, src in (("predictions", pipe), ("feedback", pipe), ("jobs", pipe),
                           ("prediction_log", orch), ("feedback_log", orch)):
             out[name] += [{**item, "principal": principal} for item in src.get(name, [])]
-        for name, value in pipe.items():  # anything else the pipeline exports (job inputs, results)
-            out.setdefault(name, value)
-        return out
 
     # -- erase ---------------------------------------------------------------------------------
     async def erase(self, user_id: uuid.UUID, *, actor: str, actor_role: str, by_self: bool) -> dict:
