@@ -83,6 +83,8 @@ async def _multipart(request: Request, settings, job_id: str) -> Submission:
 async def submit_batch(request: Request, settings: Settings, service: Jobs, caller: CallerDep,
                        idempotency_key: IdempotencyKey = None):
     job_id = batch.new_job_id()
+    if idempotency_key is None:  # a retry with a key must find its job, even at the limit
+        await service.check_quota(caller)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         sub = await _multipart(request, settings, job_id)
     else:

@@ -158,6 +158,13 @@ class JobService:
             await self._audited(caller, "job.read_input", job)
         return resolved
 
+    async def check_quota(self, caller: Caller) -> None:
+        """Before an upload is read: a caller at its concurrent-jobs limit uploads nothing (the
+        count is made again, atomically, when the job is created)."""
+        active = await store.active_jobs(self.engine, caller.principal)
+        if active >= self.settings.max_active_jobs:
+            raise store.over_quota(active, self.settings.max_active_jobs)
+
     async def _model_metadata(self, model: str, version: str | None) -> dict | None:
         """The model's inputs for the header check; None when the model server cannot say now (the
         job is still accepted and checked again when it starts)."""

@@ -55,14 +55,27 @@ async def list_jobs(engine: AsyncEngine, limit: int = 50, principal: str | None 
         return [dict(r._mapping) for r in result]
 
 
+async def active_jobs(engine: AsyncEngine, principal: str) -> int:
+    async with engine.connect() as conn:
+        return (await conn.execute(select(func.count()).select_from(jobs).where(
+            jobs.c.principal == principal, jobs.c.status.in_(ACTIVE)))).scalar_one()
+
+
+def over_quota(active: int, max_active: int):
+    from services.chassis.errors import AppError
+
+    return AppError(429, "quota_concurrent_jobs", f"{active} jobs of yours are queued or running; the limit "
+                    f"'concurrent_jobs' is {max_active}: wait for one to finish",
+                    {"limit": "concurrent_jobs", "max": max_active, "active": active},
+                    headers={"Retry-After": "30"})
+
+
 async def create_job(engine: AsyncEngine, values: dict[str, Any], *, max_active: int,
                      idempotency: tuple[str, str, float] | None = None) -> tuple[dict, bool]:
     """Insert a queued job: (job, created). Under a per-principal advisory lock: the concurrent-jobs
     quota is counted and the idempotency key claimed atomically with the insert. With a key already
     used for the same request the earlier job comes back (created False); for another request,
     IdempotencyConflict."""
-    from services.chassis.errors import AppError
-
     principal = values.get("principal") or ""
     async with engine.begin() as conn:
         await conn.execute(select(func.pg_advisory_xact_lock(func.hashtext("pipeline.jobs:" + principal))))
@@ -82,10 +95,7 @@ async def create_job(engine: AsyncEngine, values: dict[str, Any], *, max_active:
         active = (await conn.execute(select(func.count()).select_from(jobs).where(
             jobs.c.principal == values.get("principal"), jobs.c.status.in_(ACTIVE)))).scalar_one()
         if active >= max_active:
-            raise AppError(429, "quota_concurrent_jobs", f"{active} jobs of yours are queued or running; the limit "
-                           f"'concurrent_jobs' is {max_active}: wait for one to finish",
-                           {"limit": "concurrent_jobs", "max": max_active, "active": active},
-                           headers={"Retry-After": "30"})
+            raise over_quota(active, max_active)
         await conn.execute(insert(jobs).values(status="queued", **values))
         if idempotency is not None:
             await conn.execute(insert(idempotency_keys).values(
