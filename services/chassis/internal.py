@@ -33,11 +33,12 @@ AUDIT_MAXLEN = 100_000
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-def require_internal_token(settings) -> None:
-    """Refuse to start without INTERNAL_TOKEN, except in development: a service bound to a
-    loopback address only, or AISTACK_ENV=development. Without the token the internal endpoints
-    would stay closed (403) and the stack half-broken; better to say so at start."""
-    if getattr(settings, "internal_token", None):
+def require_internal_token(settings, *alternatives: str | None) -> None:
+    """Refuse to start without INTERNAL_TOKEN (or one of `alternatives`, a service's older separate
+    secret), except in development: a service bound to a loopback address only, or
+    AISTACK_ENV=development. Without the token the internal endpoints would stay closed (403) and
+    the stack half-broken; better to say so at start."""
+    if getattr(settings, "internal_token", None) or any(alternatives):
         return
     if os.environ.get("AISTACK_ENV", "").lower() in ("development", "dev", "test"):
         return

@@ -59,6 +59,9 @@ def guard_operator_routes(app) -> None:
 
     async def operator(request: Request, gateway: GatewayDep, ip: ClientIP):
         presented = request.headers.get(INTERNAL_HEADER)
+        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+        if not presented and scheme.lower() == "bearer":  # Prometheus' `authorization` scrape option
+            presented = bearer.strip()
         expected = request.app.state.settings.internal_token
         if not (presented and expected and hmac.compare_digest(presented.encode(), expected.encode())):
             await gateway.principal(OPERATOR_ROUTE, request.headers, ip)

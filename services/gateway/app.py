@@ -68,7 +68,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             return r.json()
 
         jwks = JWKSCache(fetch_jwks, s.jwks_cache_s, s.jwks_min_refetch_s)
-        require_internal_token(s)
+        require_internal_token(s, s.introspection_token)
         async with redis_and_postgres(app, s, postgres=False):
             revocations = RevocationMap(app.state.redis, s.revocation_grace_s)
             follower = asyncio.create_task(revocations.run())

@@ -216,6 +216,7 @@ async def test_metrics_and_api_docs_are_not_public(gw):
     assert "aistack_http_requests_total" in (await gw.get("/metrics", headers=admin)).text
     assert (await gw.get("/metrics", headers={"X-Internal-Token": INTERNAL_TOKEN})).status_code == 200
     assert (await gw.get("/metrics", headers={"X-Internal-Token": "wrong"})).status_code == 401
+    assert (await gw.get("/metrics", headers=bearer(INTERNAL_TOKEN))).status_code == 200  # Prometheus' way
     assert (await gw.get("/openapi.json", headers=admin)).json()["info"]["title"] == "aistack gateway"
 
 
