@@ -32,6 +32,10 @@ class AppError(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details
         self.headers = headers or {}
 
+    def __reduce__(self):
+        # Picklable whatever a subclass's __init__ takes (Celery stores a task's exception).
+        return self.__class__.__new__, (self.__class__, self.message), self.__dict__
+
 
 def error_body(code: str, message: str, details: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details}}

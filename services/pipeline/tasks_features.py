@@ -5,8 +5,9 @@ demand with an explicit window. Idempotent: a re-run writes nothing new.
 """
 from __future__ import annotations
 
-import httpx
 from celery import shared_task
+
+from services.features.client import FeatureStoreError, SyncFeatureStoreClient
 
 
 def _settings():
@@ -23,14 +24,10 @@ def materialize_features(self, views: list[str] | None = None, start: str | None
     views: default every view. start/end: ISO 8601 event-time window; neither means incremental.
     """
     settings = _settings()
-    body = {k: v for k, v in {"views": views, "start": start, "end": end}.items() if v is not None}
     try:
-        with httpx.Client(base_url=settings.features_url,
-                          timeout=httpx.Timeout(max(settings.http_timeout_s, 300.0), connect=5.0)) as http:
-            response = http.post("/admin/features/materialize", json=body)
-            response.raise_for_status()
-    except (httpx.TransportError, httpx.HTTPStatusError) as exc:
-        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code < 500:
+        with SyncFeatureStoreClient(settings.features_url, max(settings.http_timeout_s, 300.0)) as store:
+            return {"results": store.materialize(views, start, end)}
+    except FeatureStoreError as exc:
+        if not exc.retryable:
             raise  # a bad window or an unknown view: retrying will not help
-        raise self.retry(exc=exc)
-    return response.json()
+        raise self.retry(exc=exc) from None

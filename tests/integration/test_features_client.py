@@ -81,3 +81,27 @@ def test_the_contract_imports_no_heavy_dependency():
             "heavy = {'pandas', 'numpy', 'torch', 'sqlalchemy', 'redis'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_the_pipeline_materialises_through_the_contract(database_url, redis_url):
+    from types import SimpleNamespace
+
+    from celery import current_app
+
+    from services.features.app import create_app
+    from services.features.settings import FeaturesSettings
+    from services.pipeline.tasks_features import materialize_features
+
+    settings = FeaturesSettings(database_url=database_url, redis_url=redis_url, seed_demo=False,
+                                freshness_interval_s=0, redis_prefix="features:ttask:")
+    with ServedApp(create_app(settings)) as served:
+        async with httpx.AsyncClient(base_url=served.url) as http:
+            _, view = await make_view(http, ttl_seconds=0)
+            await push(http, view, [{"user_id": "u1", "event_time": iso(T0), "n": 3, "score": 1.5}], to="offline")
+        current_app.conf.aistack_settings = SimpleNamespace(features_url=served.url, http_timeout_s=5.0)
+        import asyncio
+
+        ok = await asyncio.to_thread(lambda: materialize_features.apply(kwargs={"views": [view]}).get())
+        bad = await asyncio.to_thread(lambda: materialize_features.apply(kwargs={"views": ["nope"]}))
+    assert ok["results"][0]["view"] == view and ok["results"][0]["written"] == 1
+    assert isinstance(bad.result, FeatureStoreError) and not bad.result.retryable
