@@ -10,11 +10,12 @@ from services.chassis.clients import http_client
 from services.chassis.health import add_ready_check
 from services.chassis.resources import redis_and_postgres
 from services.chassis.upstream import Proxy, UpstreamPool
+from services.features.client import FeatureStoreClient
 from services.model.client import AsyncModelClient
 
 from .api import admin, internal, router
 from .cache import ResponseCache
-from .service import FeatureClient, Predictor
+from .service import Predictor
 from .settings import OrchestratorSettings
 from .store import PolicyStore
 
@@ -37,7 +38,7 @@ def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
             predictor = Predictor(
                 AsyncModelClient.over_upstream(models, metadata_ttl_s=settings.metadata_ttl_s,
                                                internal_token=settings.internal_token),
-                FeatureClient(features_http),
+                FeatureStoreClient(features_http),
                 ResponseCache(app.state.redis), policies, app.state.redis,
                 max_batch_rows=settings.max_batch_rows, log_maxlen=settings.prediction_log_maxlen,
                 index_ttl_s=settings.feedback_window_s,

@@ -7,7 +7,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import httpx
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
@@ -15,6 +14,7 @@ from prometheus_client import Counter, Histogram
 from services.chassis.errors import AppError
 from services.chassis.telemetry import annotate
 from services.chassis.upstream import UpstreamError
+from services.features.client import FeatureStoreClient
 from services.model.client import AsyncModelClient, FeatureBinding, decode_rows, encode_rows
 
 from .cache import PREFIX as CACHE_PREFIX
@@ -43,31 +43,6 @@ def cache_data_key(model: str, input_hash: str) -> str:
     return f"{CACHE_PREFIX}:{model}:{input_hash}"
 
 
-class FeatureClient:
-    """Online features for many entity ids in one call to the feature store."""
-
-    def __init__(self, http: httpx.AsyncClient):
-        self.http = http
-
-    async def online(self, entity: str, ids: list[str], view: str) -> dict[str, dict]:
-        try:
-            r = await self.http.post("/v1/features/online", json={"entity": entity, "ids": ids, "features": [view]})
-        except httpx.HTTPError as exc:
-            raise AppError(503, "features_unavailable", f"feature store unreachable: {type(exc).__name__}",
-                           headers={"Retry-After": "2"}) from None
-        if r.status_code != 200:
-            raise AppError(502 if r.status_code >= 500 else 422, "features_error",
-                           f"feature store answered {r.status_code}", _json_or_text(r))
-        return {str(res["id"]): res for res in r.json()["results"]}
-
-
-def _json_or_text(r: httpx.Response):
-    try:
-        return r.json()
-    except ValueError:
-        return r.text[:300]
-
-
 @dataclass
 class Outcome:
     prediction_id: str
@@ -79,7 +54,7 @@ class Outcome:
 
 
 class Predictor:
-    def __init__(self, models: AsyncModelClient, features: FeatureClient | None, cache: ResponseCache,
+    def __init__(self, models: AsyncModelClient, features: FeatureStoreClient | None, cache: ResponseCache,
                  policies: PolicyStore, redis: aioredis.Redis, *, max_batch_rows: int = 1000,
                  log_maxlen: int = 1_000_000, index_ttl_s: int = 7 * 86400, usage: Usage | None = None):
         self.models, self.features, self.cache, self.policies = models, features, cache, policies
@@ -191,7 +166,7 @@ class Predictor:
         if not need:
             return rows
         ids = sorted({str(rows[i][join_key]) for i in need})
-        found = await self.features.online(binding.entity, ids, binding.view)
+        found = await self.features.online(binding.entity, ids, [binding.view])
         enriched = list(rows)
         missing: dict[str, list[str]] = {}
         for i in need:
