@@ -132,8 +132,9 @@ class Proxy:
                 if connect:
                     raise UpstreamError(503, "upstream_unavailable", f"{self.pool.name} did not accept a "
                                         f"connection within {own.connect:g} s", headers={"Retry-After": "2"}) from None
+                waited = allowed if allowed is not None else _phase_limit(exc, own)
                 raise UpstreamError(504, "upstream_timeout", f"{self.pool.name} did not answer within "
-                                    f"{_phase_limit(exc, own):g} s") from None
+                                    f"{waited:g} s") from None
             except NOT_SENT:
                 FAILURES.labels(self.pool.name, "connect").inc()
                 self.pool.record(replica, ok=False)
