@@ -35,15 +35,15 @@ def exposition(ok: int, errors: int, latencies: list[float], hits: int = 0, miss
               f'aistack_orchestrator_cache_requests_total{{model="fraud",result="miss"}} {misses}',
               "# HELP aistack_orchestrator_predictions_total Predictions served (rows)",
               "# TYPE aistack_orchestrator_predictions_total counter"]
-    for (version, principal), n in (predictions or {}).items():
+    for (version, cached), n in (predictions or {}).items():
         lines.append(f'aistack_orchestrator_predictions_total{{model="fraud",version="{version}",'
-                     f'principal="{principal}",cached="false"}} {n}')
+                     f'cached="{cached}"}} {n}')
     return "\n".join(lines) + "\n"
 
 
 def test_parse_sums_routes_and_leaves_the_dashboard_out():
     s = parse_metrics(exposition(8, 2, [0.004, 0.02, 0.2], hits=3, misses=1,
-                                 predictions={("1", "a"): 5, ("1", "b"): 2, ("2", "a"): 4}))
+                                 predictions={("1", "false"): 5, ("1", "true"): 2, ("2", "false"): 4}))
     assert s.requests == 10 and s.errors == 2
     assert s.buckets[0.005] == 1 and s.buckets[0.025] == 2 and s.buckets[float("inf")] == 3
     assert s.cache == {("fraud", "hit"): 3, ("fraud", "miss"): 1}
@@ -104,7 +104,7 @@ class FakeStack:
             return 200, json.dumps({"info": {"version": "0.1.0"}}).encode()
         ok, hits = self.totals[base]
         return 200, exposition(ok, 0, [0.01] * ok, hits=hits, misses=ok - hits,
-                               predictions={("2", "p"): ok}).encode()
+                               predictions={("2", "false"): ok}).encode()
 
     def move(self, base: str, requests: int, hits: int) -> None:
         self.totals[base][0] += requests
