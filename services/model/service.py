@@ -202,6 +202,8 @@ class DataPlane:
         except (KeyError, TypeError, ValueError) as exc:
             raise V2Error(400, f"config is not a valid manifest: {type(exc).__name__}: {exc}") from None
         listed = set(manifest.artifacts)
+        if not listed:
+            raise V2Error(400, "a new version needs its artifacts: the config lists none")
         if listed != set(files):
             raise V2Error(400, f"files must be exactly the config's artifacts: listed {sorted(listed)}, "
                                f"sent {sorted(files)}")

@@ -331,6 +331,9 @@ async def test_load_with_files_adds_a_numbered_hashed_version_and_serves_it(repo
     (lambda b: b["parameters"].update({"weights": "x"}), "unknown load parameter"),
     (lambda b: b["parameters"].pop("config"), "need parameters.config"),
     (lambda b: b["parameters"].update({"config": '{"artifacts": {}}'}), "not a valid manifest"),
+    (lambda b: [b["parameters"].pop(k) for k in list(b["parameters"]) if k.startswith("file:")]
+     and b["parameters"].update({"config": json.dumps({**json.loads(b["parameters"]["config"]), "artifacts": {}})}),
+     "lists none"),
 ])
 async def test_bad_uploads_are_400_and_leave_nothing(repo_server, mutate, fragment):
     body = _upload(repo_server.root)
