@@ -338,7 +338,8 @@ async def test_policy_timeout_is_a_504_naming_the_deadline_and_ejects_no_replica
     assert EJECTIONS.labels("model")._value.get() == ejections
     replicas = orch.app.state.model_pool.replicas
     assert all(r.ejected_until == 0 and r.failures == 0 for r in replicas)
-    assert (await predict(orch, inputs=ROW, version="2"))["version"] == "2"
+    await set_policy(orch, {"routes": {"1": 100}})
+    assert (await predict(orch, inputs=ROW))["version"] == "1"  # the replica still serves
 
 
 async def test_cache_keys_compare_values_as_the_model_reads_them(orch):
@@ -412,10 +413,10 @@ async def test_metrics_do_not_grow_with_principals_and_usage_goes_to_the_admin_a
 @pytest.fixture
 async def orch_internal(model_server, database_url, redis_url):
     app = orchestrator_app(_settings(model_server, database_url, redis_url, internal_token="s3cret"))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://orch", timeout=30) as c:
-            c.app = app
-            yield c
+    async with (app.router.lifespan_context(app),
+                httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://orch", timeout=30) as c):
+        c.app = app
+        yield c
 
 
 async def test_erasure_removes_feedback_others_gave_about_the_subjects_predictions(orch_internal, redis_url):
@@ -461,14 +462,16 @@ async def test_a_re_registered_version_does_not_serve_the_old_cached_answers(mod
                 old = await predict(c, inputs=row, version="1")
                 assert (await predict(c, inputs=row, version="1"))["cached"] is True
                 new_weights = await predict(c, inputs=row, version="2")
-                token = {"X-Internal-Token": "t0k"}
-                assert httpx.post(f"{server.url}/v2/repository/models/fraud/unload", headers=token).status_code == 200
+                repo = httpx.AsyncClient(base_url=f"{server.url}/v2/repository/models/fraud",
+                                         headers={"X-Internal-Token": "t0k"}, timeout=60)
+                assert (await repo.post("/unload")).status_code == 200
                 v1, v2 = tmp_path / "fraud" / "1", tmp_path / "fraud" / "2"
                 shutil.rmtree(v1)
                 shutil.copytree(v2, v1)
                 manifest = json.loads((v1 / "manifest.json").read_text())
                 (v1 / "manifest.json").write_text(json.dumps({**manifest, "version": "1"}))
-                assert httpx.post(f"{server.url}/v2/repository/models/fraud/load", headers=token).status_code == 200
+                assert (await repo.post("/load")).status_code == 200
+                await repo.aclose()
                 again = await predict(c, inputs=row, version="1")
     assert old["outputs"] != new_weights["outputs"]
     assert again["cached"] is False and again["outputs"] == new_weights["outputs"]
