@@ -78,7 +78,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             api_keys = ApiKeyVerifier(app.state.redis, introspect, s.api_key_cache_ttl_s,
                                       s.api_key_negative_cache_ttl_s, revocations)
             failures = FailedAuthLimiter(app.state.redis, s.auth_failures_per_minute)
-            limiter = RateLimiter(app.state.redis, s.rate_limit_fail_open)
+            limiter = RateLimiter(app.state.redis, s.rate_limit_fail_open, secret=s.internal_token)
             app.state.revocations = revocations
             app.state.gateway = Gateway(s, proxies, Authenticator(tokens, api_keys, failures), limiter)
             app.state.orchestrator = proxies["orchestrator"]

@@ -7,6 +7,8 @@ either passes every bucket or takes nothing. The clock is Redis's (TIME), not ea
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 from dataclasses import dataclass
@@ -83,14 +85,19 @@ class Decision:
 
 
 class RateLimiter:
-    def __init__(self, redis, fail_open: bool = True, prefix: str = "gateway:rl:"):
+    """Bucket keys name the principal by a keyed hash (HMAC-SHA256 with `secret`, the internal
+    token), never by its id: Redis holds no subject identifier (docs/privacy.md)."""
+
+    def __init__(self, redis, fail_open: bool = True, prefix: str = "gateway:rl:", secret: str | None = None):
         self.redis, self.fail_open, self.prefix = redis, fail_open, prefix
+        self.secret = (secret or "aistack-rate-limit").encode()
         self.script = redis.register_script(TOKEN_BUCKET_LUA)
 
     async def take(self, principal_key: str, buckets: list[Bucket]) -> Decision | None:
         """A Decision, or None when Redis failed and the limiter fails open."""
         # One hash tag per principal: every bucket of a principal lands in the same cluster slot.
-        keys = [f"{self.prefix}{{{principal_key}}}:{b.name}" for b in buckets]
+        tag = hmac.new(self.secret, principal_key.encode(), hashlib.sha256).hexdigest()[:32]
+        keys = [f"{self.prefix}{{{tag}}}:{b.name}" for b in buckets]
         args: list = []
         for b in buckets:
             args += [b.limit, b.limit / b.window_s, b.cost]
