@@ -33,6 +33,7 @@ SERVICES = ("gateway", "auth", "orchestrator", "model", "features", "pipeline")
 
 def _free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is free
         try:
             s.bind(("127.0.0.1", port))
             return True
