@@ -1,12 +1,15 @@
 """Where a service's CPU goes under load: py-spy on a real server process, summarised.
 
-    .venv/bin/python -m bench.profile [--target model|features] [--callers 32] [--seconds 15]
+(Not named profile.py: bench/ is first on sys.path when a bench script runs, and a bench/profile.py
+would shadow the standard library's `profile`, which cProfile and torch import.)
+
+    .venv/bin/python -m bench.hotspots [--target model|features] [--callers 32] [--seconds 15]
 
 Starts the service the way bench/peers.py does (aistack defaults: no trace exporter, logs at
 WARNING), drives it with `--callers` concurrent 1-row infers (model) or 1-entity online reads
 (features), and records it with py-spy (`pip install py-spy`; needs ptrace: run as root or with
 CAP_SYS_PTRACE). Prints the share of on-CPU samples per area (the buckets issue 18 used) and the
-hottest functions; the raw collapsed stacks go to var/bench/profile-<target>.txt, which
+hottest functions; the raw collapsed stacks go to var/bench.hotspots-<target>.txt, which
 https://www.speedscope.app or `flamegraph.pl` turn into a flame graph. By hand:
 
     py-spy record --pid <server pid> --duration 15 --rate 200 --format raw -o stacks.txt
@@ -88,8 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     peers.VAR.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="profile-", dir=peers.VAR))
-    out = peers.VAR / f"profile-{args.target}.txt"
+    workdir = Path(tempfile.mkdtemp(prefix="hotspots-", dir=peers.VAR))
+    out = peers.VAR / f"hotspots-{args.target}.txt"
     cleanups = []
     server = None
     try:
