@@ -9,7 +9,7 @@ Starts the service the way bench/peers.py does (aistack defaults: no trace expor
 WARNING), drives it with `--callers` concurrent 1-row infers (model) or 1-entity online reads
 (features), and records it with py-spy (`pip install py-spy`; needs ptrace: run as root or with
 CAP_SYS_PTRACE). Prints the share of on-CPU samples per area (the buckets issue 18 used) and the
-hottest functions; the raw collapsed stacks go to var/bench.hotspots-<target>.txt, which
+hottest functions; the raw collapsed stacks go to var/bench/hotspots-<target>.txt, which
 https://www.speedscope.app or `flamegraph.pl` turn into a flame graph. By hand:
 
     py-spy record --pid <server pid> --duration 15 --rate 200 --format raw -o stacks.txt
