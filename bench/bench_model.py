@@ -41,7 +41,7 @@ def serve(repo: Path, batching: bool) -> tuple[subprocess.Popen, str]:
     port = _port()
     env = {**os.environ, "MODEL_REPOSITORY": str(repo), "MODEL_PORT": str(port),
            "MODEL_DYNAMIC_BATCHING": str(batching).lower(), "MODEL_LOG_LEVEL": "WARNING",
-           "OTEL_SDK_DISABLED": "true"}
+           }
     proc = subprocess.Popen([sys.executable, "-m", "services.model"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -123,15 +123,17 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--markdown", action="store_true", help="print a table for docs/benchmarks.md")
+    ap.add_argument("--model", choices=sorted({m for m, _, _ in CASES.values()}), help="one model only")
     args = ap.parse_args()
+    cases = {k: v for k, v in CASES.items() if args.model in (None, v[0])}
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
-        build(repo)
+        build(repo, only=[args.model] if args.model else None)
         servers = {True: serve(repo, True), False: serve(repo, False)}
         try:
             rows = []
-            for case, (model, version, make) in CASES.items():
+            for case, (model, version, make) in cases.items():
                 # Every measurement once per round, rounds interleaved: load from others on the
                 # machine hits all four alike; the medians are reported.
                 r: dict[str, list[float]] = {"batch": [], "none": [], "served": [], "raw": []}
