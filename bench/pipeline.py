@@ -6,7 +6,7 @@
   3. the seed's approach: pandas chunks with one model call per row (timed on a sample, since a
      million single-row calls take far too long; rows/s is what is compared).
 
-    python bench/pipeline.py [--rows 1000000] [--seed-rows 5000] [--database-url URL --redis-url URL]
+    python -m bench.pipeline [--rows 1000000] [--seed-rows 5000] [--database-url SERVER_URL --redis-url URL]
 
 Without URLs the stack starts embedded PostgreSQL and Redis. With a server URL, the benchmark
 uses its own database `aistack_bench` on that server.
@@ -99,12 +99,13 @@ def main() -> None:
     ap.add_argument("--redis-url")
     args = ap.parse_args()
 
+    from services.chassis.embedded import free_port
     from services.cli.stack import Stack, ensure_database
 
     data_dir = Path(tempfile.mkdtemp(prefix="aistack-bench-pipeline-"))
     db = ensure_database(args.database_url, "aistack_bench") if args.database_url else None
     stack = Stack(data_dir, database_url=db, redis_url=args.redis_url,
-                  ports={k: v + 20000 for k, v in Stack(data_dir).ports.items()},
+                  ports={k: free_port() for k in Stack(data_dir).ports},
                   extra_env={"PIPELINE_WORKER_CONCURRENCY": str(args.workers), "PIPELINE_WORKER_METRICS_PORT": "0",
                              "LOG_LEVEL": "WARNING", "PIPELINE_LOG_LEVEL": "WARNING"})
     print(f"starting the stack in {data_dir} ...", flush=True)

@@ -94,7 +94,10 @@ def _init_worker(**_):
     from services.chassis.logs import setup_logging
     from services.chassis.telemetry import setup_tracing
 
-    setup_logging("pipeline")
+    # The level the worker's main process set up (PIPELINE_LOG_LEVEL), inherited through the fork;
+    # httpx's line per model request would drown the task lines.
+    setup_logging("pipeline", logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     setup_tracing("pipeline")
     from services.chassis.telemetry import instrument_celery
 
