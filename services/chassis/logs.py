@@ -7,7 +7,7 @@ message, its arguments, the `extra` fields and the formatted traceback alike.
 
 Subject identifiers (issue 20, docs/privacy.md): logs carry none. Every UUID (user ids, `apikey:<id>`
 principals, in paths like /internal/subjects/<id> or PATCH /admin/users/<id>, plain or
-percent-encoded) becomes `[ID]`, and the query string of a logged URL (entity ids such as
+percent-encoded, and 32-hex ids as a path segment such as /v1/jobs/<id>) becomes `[ID]`, and the query string of a logged URL (entity ids such as
 ?ids=C0042) becomes `?[REDACTED]`, so erasure never has to search the logs.
 """
 from __future__ import annotations
@@ -63,6 +63,8 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     # percent-encoded ':' as in apikey%3A<id>), and query strings of URLs (entity ids).
     (re.compile(r"(?i)(?:(?<=%3A)|(?<![0-9a-f]))[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
                 r"(?![0-9a-f])"), "[ID]"),
+    # ... and dash-less ones as a URL path segment (job ids: /v1/jobs/<32 hex>).
+    (re.compile(r"(?i)(?<=/)[0-9a-f]{32}(?=[/?#\s\"']|$)"), "[ID]"),
     (re.compile(r"(\b(?:https?://[^\s?\"']+|/[A-Za-z0-9_./%:-]*))\?[^\s\"']+"), r"\g<1>?[REDACTED]"),
 ]
 # LogRecord's own attributes: everything else in record.__dict__ came from `extra`.
