@@ -475,3 +475,33 @@ async def test_a_re_registered_version_does_not_serve_the_old_cached_answers(mod
                 again = await predict(c, inputs=row, version="1")
     assert old["outputs"] != new_weights["outputs"]
     assert again["cached"] is False and again["outputs"] == new_weights["outputs"]
+
+
+async def test_the_reported_pairs_under_a_tiny_policy_timeout(orch):
+    """The issue's reproduction: timeout_s 0.0001 with a fallback, a routed and a pinned request at
+    the same moment. Whatever the deadline cuts (connect or read; a loop that sees the answer first
+    may even let one through), a pinned request never gets another version's answer, a fallback
+    answer is never cached, a timeout is a 504 naming the deadline (never a 503 "unreachable"),
+    and no replica leaves the pool."""
+    from services.chassis.upstream import EJECTIONS
+
+    await set_policy(orch, {"routes": {"1": 100}, "fallback": "2", "timeout_s": 0.0001})
+    ejections = EJECTIONS.labels("model")._value.get()
+    outcomes = set()
+    for i in range(10):
+        body = {"inputs": {**ROW, "amount": 1200.0 + i}}
+        routed, pinned = await asyncio.gather(orch.post("/v1/predict/fraud", json=body),
+                                              orch.post("/v1/predict/fraud", json={**body, "version": "1"}))
+        assert routed.status_code == 200, routed.text
+        r = routed.json()
+        assert (r["version"], r.get("fallback", False)) in {("1", False), ("2", True)}
+        assert not (r.get("fallback") and r["cached"])
+        if pinned.status_code == 200:
+            assert pinned.json()["version"] == "1" and "fallback" not in pinned.json()
+        else:
+            assert pinned.status_code == 504, pinned.text
+            error = pinned.json()["error"]
+            assert error["code"] == "deadline_exceeded" and "timeout_s of 0.0001 s" in error["message"]
+        outcomes.add((r["version"], pinned.status_code))
+    assert ("2", 504) in outcomes  # the deadline did cut, and the routed request fell back
+    assert EJECTIONS.labels("model")._value.get() == ejections
