@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from tests.e2e.test_compose_wiring import ComposeAsProcesses, built_service, is_
 from tests.e2e.test_tracing import OtlpReceiver
 
 BEAT_ALIVE_S = 5.0
+KEEP_RUNS = 5
 
 
 @contextlib.contextmanager
@@ -80,8 +82,11 @@ class FromImages(ComposeAsProcesses):
 def main(work: Path) -> int:
     work = work.resolve()
     venvs = work / "venvs"
-    run = work / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    runs = work / "runs"
+    run = runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run.mkdir(parents=True)
+    for old in sorted(p for p in runs.iterdir() if p != run)[:-KEEP_RUNS]:  # logs of the last few runs
+        shutil.rmtree(old, ignore_errors=True)
     models = work / "models"  # models-init builds what is missing only: kept between runs
     models.mkdir(exist_ok=True)
     # The container's WORKDIR: not the checkout, whose services/ would shadow the installed package.
