@@ -35,8 +35,11 @@ def up(
     typer.echo("starting aistack ...")
     try:
         stack.start()
-    except StackError as exc:
+    except StackError as exc:  # another stack owns the data dir, a port is taken: one line
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (RuntimeError, TimeoutError) as exc:  # a server failed to start: its log's tail, no traceback
+        typer.echo(f"error: aistack did not start: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"postgres: {_redact(stack.database_url)}\nredis:    {stack.redis_url}")
     for name in ("gateway", "auth", "orchestrator", "model", "features", "pipeline"):
