@@ -51,7 +51,7 @@ async def server_ready(plane: Plane):
 
 @router.get("")
 async def server_metadata() -> dict:
-    return {"name": "aistack-model", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    return {"name": "aistack-model", "version": "0.1.0", "extensions": ["binary_tensor_data", "model_repository"]}
 
 
 @router.get("/models/{model}")

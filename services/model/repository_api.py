@@ -1,7 +1,7 @@
 """Triton's model repository extension: index, load, unload; a load may carry a new version's files.
 
 `POST /v2/repository/models/{name}/load` with `{"parameters": {"config": "<manifest JSON>",
-"file:<artifact>": "<base64>", ...}}` adds a version (the config's, else the next number) and
+"file:<artifact>": "<base64>", ...}}` (or Triton's `file:<version>/<artifact>`) adds a version (the config's, else the next number) and
 serves it; without parameters it rescans the model's folder. `GET /v2/models/{m}/versions/{v}/baseline`
 (not Triton's) gives a version's training baseline to drift checks elsewhere. Load and unload change what the
 server serves, so they need the internal token; index is read-only. Errors keep the protocol's
@@ -61,7 +61,22 @@ def _upload(parameters: dict) -> tuple[dict | None, dict[str, bytes]]:
             raise V2Error(400, f"unknown load parameter {key[:80]!r}")
     if files and config is None:
         raise V2Error(400, "files need parameters.config (the manifest)")
-    return config, files
+    return config, _version_paths(config, files)
+
+
+def _version_paths(config: dict | None, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Triton's clients name files `<version>/<file>`: that version becomes the config's (one
+    version per load); a plain `<file>` belongs to the config's version, or to the next number."""
+    versions = {path.split("/", 1)[0] for path in files if "/" in path}
+    if not versions:
+        return files
+    if len(versions) > 1 or any("/" not in path for path in files):
+        raise V2Error(400, "files must all name the same version folder, or none")
+    (version,) = versions
+    if str(config.get("version") or version) != version:
+        raise V2Error(400, f"files are for version {version[:20]!r}, the config says {config['version']!r}")
+    config["version"] = version
+    return {path.split("/", 1)[1]: content for path, content in files.items()}
 
 
 async def close_versions(gone) -> None:

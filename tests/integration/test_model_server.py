@@ -398,3 +398,40 @@ async def test_the_contract_knows_every_parameter_the_server_adds(client, models
     own = read_manifest(models_dir / "fraud" / "2").parameters
     assert manifest_parameters(meta) == own
     assert set(meta["parameters"]) - set(own) == SERVER_PARAMETERS
+
+
+async def test_triton_shaped_file_names_name_the_version(repo_server):
+    """Triton's clients send `file:<version>/<file>`: that version is the new one."""
+    body = _upload(repo_server.root)
+    body["parameters"] = {k if not k.startswith("file:") else f"file:7/{k[5:]}": v
+                          for k, v in body["parameters"].items()}
+    r = await repo_server.post("/v2/repository/models/fraud/load", headers=TOKEN, json=body)
+    assert r.status_code == 200 and r.json()["version"] == "7", r.text
+    mixed = _upload(repo_server.root)
+    mixed["parameters"]["file:8/model.joblib"] = mixed["parameters"].pop("file:model.joblib")
+    r = await repo_server.post("/v2/repository/models/fraud/load", headers=TOKEN, json=mixed)
+    assert r.status_code == 400 and "same version folder" in r.json()["error"]
+
+
+def test_nvidias_triton_client_drives_the_repository_api(models_dir, tmp_path):
+    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the dev extra")
+    from tritonclient.utils import InferenceServerException
+
+    from tests.conftest import ServedApp
+
+    shutil.copytree(models_dir / "fraud", tmp_path / "fraud")
+    with ServedApp(create_app(settings(tmp_path, internal_token="t0ken", repository_poll_s=0))) as served:
+        triton = httpclient.InferenceServerClient(url=served.url.removeprefix("http://"))
+        try:
+            assert "model_repository" in triton.get_server_metadata()["extensions"]
+            index = triton.get_model_repository_index()
+            assert [(m["name"], m["version"], m["state"]) for m in index] == [("fraud", "1", "READY"),
+                                                                              ("fraud", "2", "READY")]
+            with pytest.raises(InferenceServerException):
+                triton.unload_model("fraud")  # no token
+            triton.unload_model("fraud", headers=TOKEN)
+            assert not triton.is_model_ready("fraud")
+            triton.load_model("fraud", headers=TOKEN)
+            assert triton.is_model_ready("fraud", "2")
+        finally:
+            triton.close()
