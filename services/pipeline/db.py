@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from sqlalchemy import Executable, pool, text
+from sqlalchemy import Executable, pool
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from services.chassis.clients import asyncpg_url
@@ -32,9 +32,7 @@ def run_with_engine(url: str, fn: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
-async def fetch_all(engine: AsyncEngine, stmt: Executable | str, **params: Any) -> list[dict]:
-    """Rows of a SQLAlchemy Core statement as dicts. (A SQL string is accepted only until
-    training.py moves to Core: the pipeline's one persistence style is Core over tables.py.)"""
+async def fetch_all(engine: AsyncEngine, stmt: Executable) -> list[dict]:
+    """Rows of a SQLAlchemy Core statement (over tables.py: the pipeline's one persistence style)."""
     async with engine.connect() as conn:
-        result = await conn.execute(text(stmt) if isinstance(stmt, str) else stmt, params)
-        return [dict(r._mapping) for r in result]
+        return [dict(r._mapping) for r in await conn.execute(stmt)]

@@ -6,13 +6,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from celery import shared_task
-from sqlalchemy import text
+from sqlalchemy import insert
 
 from services.features.client import SyncFeatureStoreClient
 from services.model.client import ModelClient
 
 from . import training, validation
 from .db import run_with_engine
+from .tables import training_runs
 
 
 def _settings():
@@ -31,11 +32,9 @@ def _limits(settings) -> validation.Limits:
 async def record_run(engine, model: str, report: dict) -> str:
     run_id = uuid.uuid4().hex
     async with engine.begin() as conn:
-        await conn.execute(text("""
-            INSERT INTO pipeline.training_runs (id, model, status, version, report)
-            VALUES (:id, :model, :status, :version, CAST(:report AS jsonb))"""),
-            {"id": run_id, "model": model, "status": report["status"], "version": report.get("version"),
-             "report": json.dumps(report, default=str)})
+        await conn.execute(insert(training_runs).values(
+            id=run_id, model=model, status=report["status"], version=report.get("version"),
+            report=json.loads(json.dumps(report, default=str))))
     return run_id
 
 

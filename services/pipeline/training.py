@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import numpy as np
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.chassis.errors import AppError
@@ -33,6 +34,7 @@ from services.model.client import (
 
 from . import validation
 from .db import fetch_all
+from .tables import feedback, predictions
 
 log = logging.getLogger("aistack.pipeline.training")
 HOLDOUT_SHARE = 0.2
@@ -41,11 +43,11 @@ HOLDOUT_SHARE = 0.2
 # -- data ------------------------------------------------------------------------------------------
 async def labelled_predictions(engine: AsyncEngine, model: str, since: datetime | None = None) -> list[dict]:
     """Every logged prediction row of the model that has a feedback label, oldest first."""
-    return await fetch_all(engine, """
-        SELECT p.time, p.inputs, f.label FROM pipeline.predictions p
-        JOIN pipeline.feedback f USING (prediction_id, row)
-        WHERE p.model = :model AND p.time >= :since ORDER BY p.time, p.prediction_id, p.row""",
-        model=model, since=since or datetime(1970, 1, 1, tzinfo=UTC))
+    p, f = predictions, feedback
+    return await fetch_all(engine, select(p.c.time, p.c.inputs, f.c.label)
+                           .join(f, (f.c.prediction_id == p.c.prediction_id) & (f.c.row == p.c.row))
+                           .where(p.c.model == model, p.c.time >= (since or datetime(1970, 1, 1, tzinfo=UTC)))
+                           .order_by(p.c.time, p.c.prediction_id, p.c.row))
 
 
 HistoricalFetch = Callable[[list[tuple[str, datetime]]], list[dict]]

@@ -10,10 +10,12 @@ import uuid
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy import func, select
 
 from services.demo import synthetic
 from services.pipeline import drift, logstore, quality, training
 from services.pipeline.db import fetch_all, run_with_engine
+from services.pipeline.tables import predictions
 
 # A model name of our own per run, so shared tables never mix with other tests' rows.
 MODEL = f"m{uuid.uuid4().hex[:8]}"
@@ -85,9 +87,9 @@ def test_log_persistence_acks_after_commit_and_survives_a_postgres_outage(redis_
     out = _persist(redis_url, database_url)
     assert out[0]["stored_rows"] == 4
     assert _pending(redis_url, logstore.PREDICTION_STREAM) == 0
-    rows = _run(database_url, lambda e: fetch_all(
-        e, "SELECT prediction_id, row, inputs, outputs FROM pipeline.predictions WHERE model = :m "
-           "ORDER BY prediction_id, row", m=MODEL))
+    p = predictions
+    rows = _run(database_url, lambda e: fetch_all(e, select(p.c.prediction_id, p.c.row, p.c.inputs, p.c.outputs)
+                                                  .where(p.c.model == MODEL).order_by(p.c.prediction_id, p.c.row)))
     assert sorted((r["prediction_id"], r["row"]) for r in rows) == sorted(
         [(pids[0], 0), (pids[1], 0), (pids[1], 1), (pids[2], 0)])
     assert {r["inputs"]["amount"] for r in rows} == {1.0, 2.0, 3.0, 4.0}
@@ -95,8 +97,8 @@ def test_log_persistence_acks_after_commit_and_survives_a_postgres_outage(redis_
     asyncio.run(_xadd_predictions(redis_url, [
         _prediction(pids[0], "1", [{"amount": 1.0}], [{"label": 0, "probability": [0.9, 0.1]}])]))
     _persist(redis_url, database_url)
-    n = _run(database_url, lambda e: fetch_all(e, "SELECT count(*) AS n FROM pipeline.predictions WHERE model = :m",
-                                               m=MODEL))
+    n = _run(database_url, lambda e: fetch_all(e, select(func.count().label("n")).select_from(p)
+                                               .where(p.c.model == MODEL)))
     assert n[0]["n"] == 4
 
 
