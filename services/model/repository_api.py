@@ -25,8 +25,11 @@ from .service import DataPlane, V2Error
 
 router = APIRouter(prefix="/v2/repository", tags=["v2 repository"], responses={"4XX": _V2_ERROR, "503": _V2_ERROR})
 baselines = APIRouter(prefix="/v2/models", tags=["v2"], responses={"4XX": _V2_ERROR, "503": _V2_ERROR})
+# Without the internal token: 403 in the stack's error shape (the chassis' check), not the protocol's.
+_NO_TOKEN = {"description": "No or wrong internal token", "content": {"application/json": {"schema": {
+    "$ref": "#/components/schemas/Error"}}}}
 admin = APIRouter(prefix="/v2/repository", tags=["v2 repository"], dependencies=[Depends(require_internal)],
-                  responses={"4XX": _V2_ERROR, "503": _V2_ERROR})
+                  responses={"403": _NO_TOKEN, "4XX": _V2_ERROR, "503": _V2_ERROR})
 
 
 @router.post("/index")
