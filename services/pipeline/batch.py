@@ -161,9 +161,11 @@ def _pa_type(datatype: str) -> pa.DataType:
     return pa.string()
 
 
+_EXPECTED = {pa.float64(): "a number", pa.int64(): "an integer", pa.bool_(): "true or false"}
+
+
 def _expected(datatype: str) -> str:
-    return {pa.float64(): "a number", pa.int64(): "an integer", pa.bool_(): "true or false"}.get(
-        _pa_type(datatype), "text")
+    return _EXPECTED.get(_pa_type(datatype), "text")
 
 
 @dataclass
@@ -311,7 +313,7 @@ def _conversion_error(path: Path, limits: InputLimits, types: Mapping[str, pa.Da
 def _bad_value(column: str, row: int | None, value, want: pa.DataType) -> AppError:
     shown = str(value)[:40]
     where = f"row {row}" if row is not None else "a row"
-    expected = {pa.float64(): "a number", pa.int64(): "an integer", pa.bool_(): "true or false"}.get(want, "text")
+    expected = _EXPECTED.get(want, "text")
     return AppError(422, "invalid_value", f"{where}, column '{column}': expected {expected}, got {shown!r}",
                     {"row": row, "column": column, "value": shown, "expected": str(want)})
 
