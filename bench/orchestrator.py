@@ -3,16 +3,23 @@
 Runs the stack as real processes (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are
 set) and measures every variant side by side in one run, printing ratios.
 
-    .venv/bin/python bench/orchestrator.py [--n 300]
+    .venv/bin/python bench/orchestrator.py [--n 300] [--profile 15]
+
+`--profile S` then records the orchestrator with py-spy (the bench/hotspots.py recipe) for S seconds
+of cache hits from 4 callers and prints where its CPU goes; raw stacks in var/bench/hotspots-orchestrator.txt.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -39,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--model", default="minilm")
+    ap.add_argument("--profile", type=float, default=0, help="seconds of py-spy on the orchestrator's hits")
     args = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="aistack-bench-"))
     stack = Stack(data, database_url=os.environ.get("DATABASE_URL"), redis_url=os.environ.get("REDIS_URL"),
@@ -83,9 +91,42 @@ def main() -> None:
             f"(+{p50['orch_nocache'] - p50['direct']:.2f} ms)",
             f"cache hit speed-up (p50 miss / hit):   {p50['miss'] / p50['hit']:.2f}x",
         ]
-        print("\n".join(lines))
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print("\n".join(lines), flush=True)
+        if args.profile:
+            profile_hits(stack, args.model, text(-1), args.profile)
     finally:
         stack.stop()
+
+
+def profile_hits(stack: Stack, model: str, text: str, seconds: float, callers: int = 4) -> None:
+    """py-spy on the orchestrator while `callers` threads send the same (cached) embedding request."""
+    from bench.hotspots import summarise
+
+    proc = next(p for p in stack.procs if p.name == "orchestrator")
+    out = Path("var/bench/hotspots-orchestrator.txt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spy_proc = subprocess.Popen([spy, "record", "--pid", str(proc.popen.pid), "--subprocesses", "--duration",
+                                 str(int(seconds)), "--rate", "200", "--format", "raw", "--nonblocking",
+                                 "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + seconds + 1
+
+    def drive(_: int) -> int:
+        n = 0
+        with httpx.Client(base_url=stack.url("orchestrator")) as client:
+            while time.monotonic() < deadline:
+                client.post("/v1/embeddings", json={"model": model, "input": text}).raise_for_status()
+                n += 1
+        return n
+
+    with ThreadPoolExecutor(callers) as pool:
+        total = sum(pool.map(drive, range(callers)))
+    _, err = spy_proc.communicate(timeout=120)
+    if spy_proc.returncode != 0:
+        raise RuntimeError(f"py-spy failed: {err.decode()[-1000:]}")
+    print(f"\nprofile: {total / seconds:.0f} cache hits/s from {callers} callers; stacks: {out}\n")
+    print(summarise(out))
 
 
 if __name__ == "__main__":

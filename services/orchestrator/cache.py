@@ -11,6 +11,11 @@ pinned or routed, the fallback version a routed request may use, the policy's ti
 replicas a short Redis lock per cache key makes others wait for the first one's stored result;
 only a normal answer is stored, so a fallback answer is never shared through Redis either.
 Redis trouble never fails a prediction: the cache steps aside.
+
+One round trip per lookup: an entry is a hash {version, rows (JSON)}, read by one Lua script that,
+on a hit, also runs the caller's `on_hit` commands (the prediction log and usage counters) with the
+stored rows JSON in place of ROWS, and on a miss takes the lock. So a hit costs one EVALSHA, and
+its log entry is written, atomically with the read, before the answer leaves.
 """
 from __future__ import annotations
 
@@ -34,6 +39,35 @@ CACHE = Counter("aistack_orchestrator_cache_requests_total", "Response cache loo
                 ["model", "result"])
 PREFIX = "orchestrator:cache"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+# Placeholder in an on_hit command: replaced by the cached rows JSON inside the script.
+ROWS = "\x00rows"
+# KEYS: data, lock. ARGV: lock token ('' = only report whether the lock is held), lock ms, then the
+# on_hit commands as <argc> <arg>... each. Returns {1, version, rows} on a hit, {0, locked|held}.
+# A key of another type (a string entry written before entries were hashes) is a miss, overwritten.
+_LOOKUP = """
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
+  local hit = redis.call('HMGET', KEYS[1], 'version', 'rows')
+  if hit[1] and hit[2] then
+    local i = 3
+    while i <= #ARGV do
+      local n, args = tonumber(ARGV[i]), {}
+      for j = 1, n do
+        local a = ARGV[i + j]
+        if a == '\0rows' then a = hit[2] end
+        args[j] = a
+      end
+      redis.call(unpack(args))
+      i = i + n + 1
+    end
+    return {1, hit[1], hit[2]}
+  end
+end
+if ARGV[1] ~= '' then
+  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0, 1} end
+  return {0, 0}
+end
+return {0, redis.call('EXISTS', KEYS[2])}
+"""
 # Floats the model reads at lower precision: equal once cast means the same answer.
 _PACK = {"FP32": "f", "FP16": "e"}
 
@@ -71,12 +105,16 @@ class ResponseCache:
         self.redis = redis
         self.lock_ms, self.poll_s = lock_ms, poll_s
         self._inflight: dict[str, asyncio.Future] = {}
+        self._lookup = redis.register_script(_LOOKUP)
 
     async def get_or_compute(self, model: str, key: str, ttl_s: int, compute: Callable[[], Awaitable[Any]],
-                             bypass: bool = False, flight: str | None = None) -> tuple[Any, str]:
-        """Return (value, result) where result is hit, miss, coalesced, bypass or error. `flight`
-        (default: the key) groups concurrent callers that may share one computation; a value with
-        `"fallback": True` is returned to them but never stored."""
+                             bypass: bool = False, flight: str | None = None,
+                             on_hit: list[tuple] = ()) -> tuple[Any, str]:
+        """Return (value, result) where result is hit, miss, coalesced, bypass or error. A value is
+        {"version", "rows", ...}. `flight` (default: the key) groups concurrent callers that may share
+        one computation; a value with `"fallback": True` is returned to them but never stored.
+        `on_hit`: Redis commands run in the lookup's own script when, and only when, the result is
+        "hit" (ROWS stands for the stored rows JSON)."""
         if bypass or ttl_s <= 0:
             CACHE.labels(model, "bypass").inc()
             return await compute(), "bypass"
@@ -87,7 +125,7 @@ class ResponseCache:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._inflight[flight] = future
         try:
-            value, result = await self._lookup_or_compute(model, key, ttl_s, compute)
+            value, result = await self._lookup_or_compute(model, key, ttl_s, compute, on_hit)
             future.set_result(value)
             CACHE.labels(model, result).inc()
             return value, result
@@ -98,14 +136,17 @@ class ResponseCache:
         finally:
             del self._inflight[flight]
 
-    async def _lookup_or_compute(self, model, key, ttl_s, compute) -> tuple[Any, str]:
+    async def _lookup_or_compute(self, model, key, ttl_s, compute, on_hit=()) -> tuple[Any, str]:
         data_key, lock_key = f"{PREFIX}:{model}:{key}", f"{PREFIX}:lock:{key}"
+        token = secrets.token_hex(8)
+        argv = [token, self.lock_ms]
+        for command in on_hit:
+            argv += [len(command), *command]
         try:
-            cached = await self.redis.get(data_key)
-            if cached is not None:
-                return orjson.loads(cached), "hit"
-            token = secrets.token_hex(8)
-            locked = await self.redis.set(lock_key, token, nx=True, px=self.lock_ms)
+            found = await self._lookup(keys=[data_key, lock_key], args=argv)
+            if found[0]:
+                return {"version": found[1].decode(), "rows": orjson.loads(found[2])}, "hit"
+            locked = bool(found[1])
         except aioredis.RedisError as exc:
             log.warning("cache unavailable, serving without it", extra={"model": model, "error": str(exc)})
             return await compute(), "error"
@@ -118,13 +159,12 @@ class ResponseCache:
                 await asyncio.sleep(self.poll_s)
                 waited += self.poll_s
                 try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        cached, held = await pipe.get(data_key).exists(lock_key).execute()
+                    found = await self._lookup(keys=[data_key, lock_key], args=["", self.lock_ms])
                 except aioredis.RedisError:
                     break
-                if cached is not None:
-                    return orjson.loads(cached), "coalesced"
-                if not held:
+                if found[0]:
+                    return {"version": found[1].decode(), "rows": orjson.loads(found[2])}, "coalesced"
+                if not found[1]:
                     break
             return await compute(), "miss"
         try:
@@ -132,7 +172,11 @@ class ResponseCache:
             if isinstance(value, dict) and value.get("fallback"):
                 return value, "miss"  # a degraded answer must not outlive the failure
             try:
-                await self.redis.set(data_key, orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY), ex=ttl_s)
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.unlink(data_key)  # an entry of the old layout (a string) gives way
+                    pipe.hset(data_key, mapping={"version": value["version"], "rows": orjson.dumps(
+                        value["rows"], option=orjson.OPT_SERIALIZE_NUMPY)})
+                    await pipe.expire(data_key, ttl_s).execute()
             except aioredis.RedisError as exc:
                 log.warning("cache write failed", extra={"model": model, "error": str(exc)})
             return value, "miss"

@@ -18,7 +18,7 @@ from services.features.client import FeatureStoreClient
 from services.model.client import AsyncModelClient, FeatureBinding, decode_rows, encode_rows
 
 from .cache import PREFIX as CACHE_PREFIX
-from .cache import ResponseCache, cache_key, canonical_inputs, flight_key
+from .cache import ROWS, ResponseCache, cache_key, canonical_inputs, flight_key
 from .contract import FEEDBACK_STREAM, PREDICTION_INDEX, PREDICTION_STREAM, FeedbackEntry, PredictionEntry
 from .policy import Policy, choose_version, combine, mirrors
 from .store import PolicyStore
@@ -93,9 +93,15 @@ class Predictor:
         async def compute() -> dict:
             return await self._infer(model, versions, bodies, rows, policy, fallback)
 
+        # A stored answer is never a fallback, so a hit is served by `label`: its log entry and usage
+        # are known but for the rows, and go in the lookup's own round trip (cache.ROWS stands in).
+        on_hit = self._log_commands(
+            PredictionEntry(id=prediction_id, time=time.time(), principal=principal, model=model, version=label,
+                            input_hash=key, inputs=rows, outputs=[], latency_ms=(time.perf_counter() - started) * 1000,
+                            cached=True), len(rows), outputs=ROWS) if use_cache else ()
         with STAGE.labels("infer").time():
             result, status = await self.cache.get_or_compute(model, key, policy.cache_ttl_s, compute,
-                                                             bypass=not use_cache, flight=flight)
+                                                             bypass=not use_cache, flight=flight, on_hit=on_hit)
         served, outputs, fell_back = result["version"], result["rows"], bool(result.get("fallback"))
         # A fallback answer is never stored, and never reported as cached even to a coalesced waiter.
         cached = status in ("hit", "coalesced") and not fell_back
@@ -106,7 +112,8 @@ class Predictor:
         if (not pinned and shadow and shadow.version not in versions and (not cached or shadow.mirror_cached)
                 and mirrors(policy, model, prediction_id)):
             self._spawn(self._shadow(model, shadow.version, rows, outputs))
-        await self._log(outcome, principal, key, rows, time.perf_counter() - started)
+        if status != "hit":  # a hit was logged by the lookup itself
+            await self._log(outcome, principal, key, rows, time.perf_counter() - started)
         return outcome
 
     # -- inference with fallback and ensembles ------------------------------------------------
@@ -197,16 +204,26 @@ class Predictor:
             latency_ms=latency_s * 1000, cached=outcome.cached, fallback=outcome.fallback)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(PREDICTION_STREAM, entry.to_fields(), maxlen=self.log_maxlen, approximate=True)
-                pipe.set(f"{PREDICTION_INDEX}:{outcome.prediction_id}",
-                         orjson.dumps({"model": outcome.model, "version": outcome.version, "rows": len(rows)}),
-                         ex=self.index_ttl_s)
-                self.usage.record(pipe, principal, outcome.model, len(rows), outcome.cached)
+                for command in self._log_commands(entry, len(rows)):
+                    pipe.execute_command(*command)
                 await pipe.execute()
         except aioredis.RedisError as exc:
             LOG_ERRORS.inc()
             log.warning("prediction log write failed", extra={"prediction_id": outcome.prediction_id,
                                                               "error": str(exc)})
+
+    def _log_commands(self, entry: PredictionEntry, n_rows: int, outputs: str | None = None) -> list[tuple]:
+        """One prediction's writes: the stream entry (`outputs` replaces its JSON when given), the
+        feedback index and the principal's usage."""
+        fields = entry.to_fields()
+        if outputs is not None:
+            fields["outputs"] = outputs
+        xadd = ["XADD", PREDICTION_STREAM, "MAXLEN", "~", self.log_maxlen, "*"]
+        for name, value in fields.items():
+            xadd += [name, value]
+        index = orjson.dumps({"model": entry.model, "version": entry.version, "rows": n_rows})
+        return [tuple(xadd), ("SET", f"{PREDICTION_INDEX}:{entry.id}", index, "EX", self.index_ttl_s),
+                *self.usage.commands(entry.principal, entry.model, n_rows, entry.cached)]
 
     async def feedback(self, prediction_id: str, label, principal: str, row: int = 0) -> dict:
         raw = await self.redis.get(f"{PREDICTION_INDEX}:{prediction_id}")

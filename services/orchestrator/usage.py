@@ -28,14 +28,15 @@ class Usage:
         now = time.time()
         return [f"{PREFIX}:{_day(now - d * 86400)}" for d in range(days)]
 
-    def record(self, pipe, principal: str, model: str, rows: int, cached: bool) -> None:
-        """Queue the counts of one prediction on a Redis pipeline (the prediction log's own)."""
+    def commands(self, principal: str, model: str, rows: int, cached: bool) -> list[tuple]:
+        """The Redis commands counting one prediction, for the prediction log's own round trip
+        (its pipeline, or the cache lookup's script on a hit)."""
         key = f"{PREFIX}:{_day(time.time())}"
-        pipe.hincrby(key, f"requests:{model}:{principal}", 1)
-        pipe.hincrby(key, f"rows:{model}:{principal}", rows)
+        out = [("HINCRBY", key, f"requests:{model}:{principal}", 1), ("HINCRBY", key, f"rows:{model}:{principal}", rows)]
         if cached:
-            pipe.hincrby(key, f"cached_rows:{model}:{principal}", rows)
-        pipe.expire(key, self.keep_days * 86400)
+            out.append(("HINCRBY", key, f"cached_rows:{model}:{principal}", rows))
+        out.append(("EXPIRE", key, self.keep_days * 86400))
+        return out
 
     async def _fields(self, days: int):
         for key in self._keys(min(days, self.keep_days)):

@@ -505,3 +505,72 @@ async def test_the_reported_pairs_under_a_tiny_policy_timeout(orch):
         outcomes.add((r["version"], pinned.status_code))
     assert ("2", 504) in outcomes  # the deadline did cut, and the routed request fell back
     assert EJECTIONS.labels("model")._value.get() == ejections
+
+
+def _command_names(packet) -> list[str]:
+    """The command names in one packet redis-py writes (RESP arrays, a pipeline is several)."""
+    raw = packet if isinstance(packet, (bytes, bytearray, memoryview)) else b"".join(bytes(p) for p in packet)
+    parts, names, i = bytes(raw).split(b"\r\n"), [], 0
+    while i < len(parts):
+        if parts[i].startswith(b"*") and i + 2 < len(parts):
+            names.append(parts[i + 2].decode().upper())
+            i += 1 + 2 * int(parts[i][1:])
+        else:
+            i += 1
+    return names
+
+
+async def test_a_cache_hit_is_one_redis_round_trip_that_writes_its_log_entry(orch, redis_url, monkeypatch):
+    """Issue 18: the hit's lookup, prediction log entry, feedback index and usage go in one EVALSHA,
+    written before the answer leaves (nothing deferred to the background)."""
+    from redis.asyncio.connection import Connection
+
+    row = {**ROW, "amount": 1234.5}
+    miss = await predict(orch, principal="rt-user", inputs=row)
+    await predict(orch, principal="rt-user", inputs=row)  # the script is loaded now
+    packets: list[list[str]] = []
+    send = Connection.send_packed_command
+
+    async def counting(self, command, check_health=True):
+        packets.append(_command_names(command))
+        return await send(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counting)
+    hit = await predict(orch, principal="rt-user", inputs=row)
+    monkeypatch.setattr(Connection, "send_packed_command", send)
+    assert hit["cached"] is True and hit["outputs"] == miss["outputs"]
+    assert [p for p in packets if p not in (["PING"],)] == [["EVALSHA"]], packets
+
+    r = aioredis.from_url(redis_url)
+    try:
+        entries = {f[b"id"].decode(): f for _, f in await r.xrevrange(PREDICTION_STREAM, count=50)}
+        logged, first = entries[hit["prediction_id"]], entries[miss["prediction_id"]]
+        assert logged[b"cached"] == b"1" and logged[b"principal"] == b"rt-user"
+        assert logged[b"version"].decode() == hit["version"] and logged[b"input_hash"] == first[b"input_hash"]
+        assert orjson.loads(logged[b"outputs"]) == [hit["outputs"]] == orjson.loads(first[b"outputs"])
+        assert orjson.loads(logged[b"inputs"]) == orjson.loads(first[b"inputs"])
+    finally:
+        await r.aclose()
+    fb = await orch.post("/v1/feedback", json={"prediction_id": hit["prediction_id"], "label": 0})
+    assert fb.status_code == 202, fb.text  # the hit's feedback index was written by the script too
+    usage = (await orch.get("/admin/usage", params={"days": 1, "limit": 1000})).json()["principals"]
+    [mine] = [u for u in usage if u["principal"] == "rt-user"]
+    assert (mine["requests"], mine["rows"], mine["cached_rows"]) == (3, 3, 2)
+
+
+async def test_a_cached_entry_of_the_old_string_layout_is_a_miss_and_replaced(orch, redis_url):
+    """Entries written before the hash layout (a JSON string) are recomputed, never a 500."""
+    row = {**ROW, "amount": 4321.0}
+    first = await predict(orch, inputs=row)
+    r = aioredis.from_url(redis_url)
+    try:
+        entries = {f[b"id"].decode(): f for _, f in await r.xrevrange(PREDICTION_STREAM, count=50)}
+        key = f"orchestrator:cache:fraud:{entries[first['prediction_id']][b'input_hash'].decode()}"
+        assert await r.type(key) == b"hash"
+        await r.set(key, orjson.dumps({"version": first["version"], "rows": [{"label": "stale"}]}), ex=60)
+        again = await predict(orch, inputs=row)
+        assert again["cached"] is False and again["outputs"] == first["outputs"]
+        assert await r.type(key) == b"hash"
+        assert (await predict(orch, inputs=row))["cached"] is True
+    finally:
+        await r.aclose()
