@@ -113,11 +113,29 @@ class JWKSCache:
         return self.keys.get(kid)
 
 
+@dataclass(frozen=True)
+class _Verified:
+    """A token whose signature and claims passed: what each later request with it still checks."""
+    kid: str
+    key: tuple  # the JWKS entry (alg, key) it was verified with
+    exp: float
+    sid: object
+    iat: float
+    principal: Principal
+
+
 class TokenVerifier:
+    """Verifies access tokens locally. A verified token is remembered (up to `cache_size` tokens,
+    until its exp) so that a client sending it again costs a dictionary lookup, not an RSA
+    verification and claims parse (issue 18); the revocation check and the signing key's presence
+    in the JWKS are still checked on every request, so neither revocation nor key removal waits."""
+
     def __init__(self, jwks: JWKSCache, issuer: str, audience: str, algorithms: list[str], leeway_s: int = 10,
-                 revocations=None):
+                 revocations=None, cache_size: int = 10_000):
         self.jwks, self.issuer, self.audience, self.leeway_s = jwks, issuer, audience, leeway_s
         self.revocations = revocations
+        self.cache_size = cache_size
+        self._verified: dict[str, _Verified] = {}
         self.algorithms = frozenset(algorithms) & SUPPORTED_ALGORITHMS
         self.options = {"leeway": leeway_s, "require_exp": True, "require_iat": True, "require_nbf": True,
                         "require_iss": True, "require_aud": True, "require_sub": True, "require_jti": True}
@@ -149,6 +167,12 @@ class TokenVerifier:
             raise unauthorized("invalid signature") from None
 
     async def verify(self, token: str) -> Principal:
+        hit = self._verified.get(token)
+        if hit is not None:
+            if time.time() < hit.exp and await self.jwks.get(hit.kid) is hit.key:
+                self.check_revoked(hit.principal.sub, hit.sid, hit.iat)
+                return hit.principal
+            self._verified.pop(token, None)  # expired, or its key rotated out or refetched
         alg, kid = self._header(token)
         found = await self.jwks.get(kid)
         if found is None:
@@ -163,7 +187,17 @@ class TokenVerifier:
         if not isinstance(iat, (int, float)) or isinstance(iat, bool):
             raise unauthorized("invalid iat claim")
         self.check_revoked(sub, claims.get("sid"), iat)
-        return Principal(sub, "user", str(claims.get("role", "")), frozenset(scope.split()), owner=sub)
+        principal = Principal(sub, "user", str(claims.get("role", "")), frozenset(scope.split()), owner=sub)
+        self._remember(token, kid, found, claims, principal)
+        return principal
+
+    def _remember(self, token: str, kid: str, key: tuple, claims: dict, principal: Principal) -> None:
+        exp = claims.get("exp")
+        if self.cache_size <= 0 or not isinstance(exp, (int, float)) or isinstance(exp, bool):
+            return
+        while len(self._verified) >= self.cache_size:  # bounded: the oldest entry goes first
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[token] = _Verified(kid, key, float(exp), claims.get("sid"), claims["iat"], principal)
 
     def check_revoked(self, sub: str, sid, iat: float) -> None:
         """Issued before its user's or its session's not-before (logout, disable, role change...)."""

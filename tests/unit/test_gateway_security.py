@@ -3,6 +3,7 @@ replica picking and ejection, the route table."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -14,10 +15,10 @@ from jose import jwt
 
 from services.auth import keys as keymod
 from services.chassis.errors import AppError
+from services.chassis.upstream import UpstreamPool
 from services.gateway.ratelimit import Bucket, Decision, approx_tokens
 from services.gateway.routes import ROUTES
-from services.gateway.security import JWKSCache, TokenVerifier
-from services.chassis.upstream import UpstreamPool
+from services.gateway.security import JWKSCache, TokenVerifier, unauthorized
 
 PRIVATE, PUBLIC = keymod.generate_keypair("RS256")
 KID = "k1"
@@ -251,3 +252,54 @@ def test_upstream_redirects_lose_their_internal_address():
 
     assert public_location("http://127.0.0.1:8001/admin/users?limit=5") == "/admin/users?limit=5"
     assert public_location("/admin/users") == "/admin/users"
+
+
+async def test_a_verified_token_is_remembered_and_not_verified_again(monkeypatch):
+    v = verifier()
+    token = sign(claims())
+    first = await v.verify(token)
+
+    def no_decode(*a, **k):
+        raise AssertionError("signature verified again")
+    monkeypatch.setattr(v, "decode", no_decode)
+    assert await v.verify(token) == first  # from memory: no RSA verification, no claims parse
+    with pytest.raises(AssertionError):  # another token is verified as before
+        await v.verify(sign(claims(sub="u2")))
+
+
+async def test_a_remembered_token_still_follows_revocation_expiry_and_key_removal():
+    now = time.time()
+    revocations = _revocations({})
+    v = _checked(revocations)
+    token = sign(claims(iat=round(now - 5, 3), sid="s1"))
+    assert (await v.verify(token)).sub == "u1"
+    revocations.entries["sid:s1"] = now  # revoked after it was remembered: the next request says so
+    with pytest.raises(AppError) as exc:
+        await v.verify(token)
+    assert exc.value.message == "token revoked"
+
+    v = verifier()
+    token = sign(claims())
+    await v.verify(token)
+    v._verified[token] = dataclasses.replace(v._verified[token], exp=now - 1)  # past its exp
+    with pytest.raises(AppError) as exc:  # verified afresh (and within the leeway still valid)...
+        v.decode = lambda *a: (_ for _ in ()).throw(unauthorized("token expired"))
+        await v.verify(token)
+    assert exc.value.message == "token expired"
+
+    v = verifier()
+    token = sign(claims())
+    await v.verify(token)
+    v.jwks.keys = {}  # its signing key left the JWKS
+    with pytest.raises(AppError) as exc:
+        await v.verify(token)
+    assert exc.value.status == 401 and exc.value.message == "unknown signing key"
+
+
+async def test_remembered_tokens_are_bounded():
+    v = verifier()
+    v.cache_size = 3
+    tokens = [sign(claims(sub=f"u{i}")) for i in range(5)]
+    for t in tokens:
+        await v.verify(t)
+    assert list(v._verified) == tokens[2:]  # the oldest went first
