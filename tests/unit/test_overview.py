@@ -5,7 +5,15 @@ import json
 
 import pytest
 
-from services.gateway.overview import Overview, Scrape, Upstreams, Window, parse_metrics, quantile
+from services.gateway.overview import (
+    Overview,
+    Scrape,
+    Upstreams,
+    Window,
+    parse_metrics,
+    quantile,
+    wanted_lines,
+)
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -48,6 +56,21 @@ def test_parse_sums_routes_and_leaves_the_dashboard_out():
     assert s.buckets[0.005] == 1 and s.buckets[0.025] == 2 and s.buckets[float("inf")] == 3
     assert s.cache == {("fraud", "hit"): 3, ("fraud", "miss"): 1}
     assert s.predictions == {("fraud", "1"): 7, ("fraud", "2"): 4}
+
+
+def test_only_the_families_read_are_parsed_and_the_sums_do_not_change():
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    registry = CollectorRegistry()  # a real exposition around ours: process, other families
+    Counter("aistack_http_requests_in_flight_like", "a neighbour by prefix", registry=registry).inc()
+    Histogram("aistack_model_inference_seconds", "other", registry=registry).observe(0.1)
+    other = generate_latest(registry).decode()
+    ours = exposition(8, 2, [0.004, 0.02, 0.2], hits=3, misses=1, predictions={("1", "false"): 5})
+    mixed = other + ours
+    kept = wanted_lines(mixed)
+    assert "aistack_model_inference_seconds" not in kept and "aistack_http_requests_total" in kept
+    assert parse_metrics(mixed) == parse_metrics(ours)
+    assert parse_metrics(mixed).requests == 10 and parse_metrics(mixed).cache[("fraud", "hit")] == 3
 
 
 def test_quantile_interpolates_inside_the_bucket_like_prometheus():
