@@ -6,7 +6,7 @@ import struct
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from pydantic import BaseModel, Field
 
 from services.chassis.errors import AppError, error_body
@@ -77,8 +77,12 @@ def approx_tokens(text: str) -> int:
 
 
 @router.post("/feedback", response_model=FeedbackResponse, status_code=202, responses=_ERRORS)
-async def feedback(body: FeedbackRequest, predictor: PredictorDep, principal: Principal) -> dict:
-    return await predictor.feedback(body.prediction_id, body.label, principal, body.row)
+async def feedback(body: FeedbackRequest, predictor: PredictorDep, principal: Principal,
+                   x_principal_owner: Annotated[str | None, Header(include_in_schema=False)] = None,
+                   x_principal_role: Annotated[str | None, Header(include_in_schema=False)] = None) -> dict:
+    """Label one of the caller's predictions (or its owning user's); another's answers 404."""
+    return await predictor.feedback(body.prediction_id, body.label, principal, body.row,
+                                    owner=x_principal_owner, admin=x_principal_role == "admin")
 
 
 # -- admin ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 
 from services.chassis.errors import AppError
+from services.chassis.internal import publish_audit
 from services.chassis.telemetry import annotate
 from services.chassis.upstream import UpstreamError
 from services.features.client import FeatureStoreClient
@@ -25,6 +26,7 @@ from .store import PolicyStore
 from .usage import Usage
 
 log = logging.getLogger("aistack.orchestrator")
+audit_log = logging.getLogger("aistack.audit")
 
 # Labels are bounded (docs/metrics.md): never a principal, user, key or raw path. Who used what is
 # in the prediction log and the usage counters (GET /admin/usage), not in Prometheus.
@@ -221,15 +223,27 @@ class Predictor:
         xadd = ["XADD", PREDICTION_STREAM, "MAXLEN", "~", self.log_maxlen, "*"]
         for name, value in fields.items():
             xadd += [name, value]
-        index = orjson.dumps({"model": entry.model, "version": entry.version, "rows": n_rows})
+        # The index names the prediction's principal: feedback on it is its principal's (or its owner's).
+        index = orjson.dumps({"model": entry.model, "version": entry.version, "rows": n_rows,
+                              "principal": entry.principal})
         return [tuple(xadd), ("SET", f"{PREDICTION_INDEX}:{entry.id}", index, "EX", self.index_ttl_s),
                 *self.usage.commands(entry.principal, entry.model, n_rows, entry.cached)]
 
-    async def feedback(self, prediction_id: str, label, principal: str, row: int = 0) -> dict:
+    async def feedback(self, prediction_id: str, label, principal: str, row: int = 0,
+                       owner: str | None = None, admin: bool = False) -> dict:
+        """Label a prediction. Only its principal, a caller of the same owning subject (`owner`: the
+        user behind an API key) or an admin (audited) may: anyone else's prediction answers 404 like
+        an unknown one, so prediction ids can't be probed (issue 13)."""
         raw = await self.redis.get(f"{PREDICTION_INDEX}:{prediction_id}")
-        if raw is None:
+        pred = orjson.loads(raw) if raw is not None else None
+        owned = pred is not None and pred.get("principal") is not None and (
+            pred["principal"] in (principal, owner))
+        if pred is None or not (owned or admin):
             raise AppError(404, "prediction_not_found", f"no prediction '{prediction_id}' (unknown or expired)")
-        pred = orjson.loads(raw)
+        if not owned:
+            audit_log.info("admin feedback on another principal's prediction", extra={"actor": principal})
+            await publish_audit(self.redis, principal, "prediction.feedback", prediction_id,
+                                service="orchestrator", actor_role="admin")
         if not 0 <= row < pred["rows"]:
             raise AppError(422, "invalid_row", f"prediction has {pred['rows']} row(s); row {row} is out of range")
         entry = FeedbackEntry(prediction_id=prediction_id, row=row, label=label, principal=principal,

@@ -150,6 +150,5 @@ def test_feedback_on_another_callers_prediction_answers_404(gw, admin_headers):
     _, bob = _user(gw, admin_headers, "developer")
     pid = gw.post("/v1/predict/fraud", json={"inputs": {**ROW, "amount": 77.7}}, headers=alice).json()["prediction_id"]
     r = gw.post("/v1/feedback", json={"prediction_id": pid, "label": 1}, headers=bob)
-    if r.status_code != 404:
-        pytest.xfail(f"prediction/feedback ownership is the orchestrator's (issue 13, not landed): {r.status_code}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "prediction_not_found", r.text
     assert gw.post("/v1/feedback", json={"prediction_id": pid, "label": 1}, headers=alice).status_code == 202

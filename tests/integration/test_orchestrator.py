@@ -197,7 +197,8 @@ async def test_prediction_log_and_feedback(orch, redis_url):
         entries = await r.xrevrange(PREDICTION_STREAM, count=20)
         entry = next(f for _, f in entries if f[b"id"].decode() == body["prediction_id"])
         assert entry[b"model"] == b"fraud" and orjson.loads(entry[b"inputs"])[0]["amount"] == 42.0
-        fb = await orch.post("/v1/feedback", json={"prediction_id": body["prediction_id"], "label": 1})
+        fb = await orch.post("/v1/feedback", json={"prediction_id": body["prediction_id"], "label": 1},
+                             headers={"X-Principal": "alice"})
         assert fb.status_code == 202, fb.text
         last = (await r.xrevrange(FEEDBACK_STREAM, count=1))[0][1]
         assert last[b"prediction_id"].decode() == body["prediction_id"] and orjson.loads(last[b"label"]) == 1
@@ -205,6 +206,31 @@ async def test_prediction_log_and_feedback(orch, redis_url):
         await r.aclose()
     missing = await orch.post("/v1/feedback", json={"prediction_id": "nope", "label": 1})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "prediction_not_found"
+
+
+async def test_feedback_only_from_the_predictions_principal_owner_or_admin(orch, redis_url):
+    """Issue 13: another caller's prediction answers 404 like an unknown one; the principal, a key of
+    the same owning user, and an admin (audited) may label it."""
+    user, stranger = f"u-{uuid.uuid4().hex[:8]}", f"s-{uuid.uuid4().hex[:8]}"
+    pid = (await predict(orch, principal=user, inputs={**ROW, "amount": 43.0}))["prediction_id"]
+
+    async def label(**headers):
+        return await orch.post("/v1/feedback", json={"prediction_id": pid, "label": 1}, headers=headers)
+
+    for headers in ({"X-Principal": stranger}, {"X-Principal": stranger, "X-Principal-Owner": stranger},
+                    {"X-Principal": stranger, "X-Principal-Role": "developer"}, {}):
+        r = await label(**headers)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "prediction_not_found", (headers, r.text)
+    assert (await label(**{"X-Principal": user})).status_code == 202
+    assert (await label(**{"X-Principal": "apikey:k1", "X-Principal-Owner": user})).status_code == 202
+    r = aioredis.from_url(redis_url)
+    try:
+        before = await r.xlen("auth:audit:events")
+        assert (await label(**{"X-Principal": stranger, "X-Principal-Role": "admin"})).status_code == 202
+        [(_, event)] = await r.xrevrange("auth:audit:events", count=1)
+        assert await r.xlen("auth:audit:events") == before + 1 and pid.encode() in b"".join(event.values())
+    finally:
+        await r.aclose()
 
 
 async def test_redis_down_serves_predictions_without_cache(model_server, database_url):
@@ -425,7 +451,8 @@ async def test_erasure_removes_feedback_others_gave_about_the_subjects_predictio
     theirs = await predict(c, principal=subject, inputs={**ROW, "amount": 31.0})
     mine = await predict(c, principal=other, inputs={**ROW, "amount": 32.0})
     for pid in (theirs["prediction_id"], mine["prediction_id"]):
-        r = await c.post("/v1/feedback", json={"prediction_id": pid, "label": 1}, headers={"X-Principal": other})
+        r = await c.post("/v1/feedback", json={"prediction_id": pid, "label": 1},  # an admin may label any
+                         headers={"X-Principal": other, "X-Principal-Role": "admin"})
         assert r.status_code == 202, r.text
     token = {"X-Internal-Token": "s3cret"}
     exported = (await c.get(f"/internal/subjects/{subject}", headers=token)).json()
@@ -551,7 +578,8 @@ async def test_a_cache_hit_is_one_redis_round_trip_that_writes_its_log_entry(orc
         assert orjson.loads(logged[b"inputs"]) == orjson.loads(first[b"inputs"])
     finally:
         await r.aclose()
-    fb = await orch.post("/v1/feedback", json={"prediction_id": hit["prediction_id"], "label": 0})
+    fb = await orch.post("/v1/feedback", json={"prediction_id": hit["prediction_id"], "label": 0},
+                         headers={"X-Principal": "rt-user"})
     assert fb.status_code == 202, fb.text  # the hit's feedback index was written by the script too
     usage = (await orch.get("/admin/usage", params={"days": 1, "limit": 1000})).json()["principals"]
     [mine] = [u for u in usage if u["principal"] == "rt-user"]
