@@ -101,6 +101,7 @@ def main() -> None:
 
 def profile_hits(stack: Stack, model: str, text: str, seconds: float, callers: int = 4) -> None:
     """py-spy on the orchestrator while `callers` threads send the same (cached) embedding request."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench/ is not a package
     from bench.hotspots import summarise
 
     proc = next(p for p in stack.procs if p.name == "orchestrator")

@@ -602,3 +602,24 @@ async def test_a_cached_entry_of_the_old_string_layout_is_a_miss_and_replaced(or
         assert (await predict(orch, inputs=row))["cached"] is True
     finally:
         await r.aclose()
+
+
+async def test_embeddings_body_and_headers_are_kept_when_encoded_once(orch):
+    """The embeddings answer is built by orjson in the handler (issue 18): same OpenAI shape, headers
+    and values, hit or miss, floats or base64."""
+    import base64
+    import struct
+
+    body = {"model": "minilm", "input": ["a red fox", f"run {uuid.uuid4().hex}"], "dimensions": 8}
+    first, second = [await orch.post("/v1/embeddings", json=body, headers={"X-Principal": "emb"}) for _ in (0, 1)]
+    assert first.status_code == second.status_code == 200, first.text
+    assert first.headers["content-type"] == "application/json"
+    assert first.headers["X-Prediction-Id"] != second.headers["X-Prediction-Id"]
+    assert "orchestrator;dur=" in second.headers["Server-Timing"]
+    doc = second.json()
+    assert doc == first.json() and doc["object"] == "list" and doc["model"] == "minilm"
+    assert [d["index"] for d in doc["data"]] == [0, 1] and all(len(d["embedding"]) == 8 for d in doc["data"])
+    assert doc["usage"]["prompt_tokens"] == doc["usage"]["total_tokens"] > 0
+    b64 = (await orch.post("/v1/embeddings", json={**body, "encoding_format": "base64"})).json()
+    unpacked = struct.unpack("<8f", base64.b64decode(b64["data"][0]["embedding"]))
+    assert unpacked == pytest.approx(doc["data"][0]["embedding"], rel=1e-6)
