@@ -90,7 +90,8 @@ def jwt_rate(stack, token: str, seconds: float) -> dict[str, float]:
     revocations = RevocationMap(None, grace_s=1e9)  # as if subscribed: alive, 10,000 entries
     revocations.entries = {f"user:{i:08d}": time.time() - 60 for i in range(10_000)}
     revocations.alive_at = time.monotonic()
-    checked = TokenVerifier(jwks, s.jwt_issuer, s.jwt_audience, s.algorithms, s.jwt_leeway_s, revocations)
+    checked = TokenVerifier(jwks, s.jwt_issuer, s.jwt_audience, s.algorithms, s.jwt_leeway_s, revocations,
+                            cache_size=0)
 
     async def rate(v: TokenVerifier, budget: float) -> tuple[int, float]:
         n, t0 = 0, time.perf_counter()

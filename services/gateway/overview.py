@@ -16,12 +16,11 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-
-from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger("aistack.gateway.overview")
 
@@ -51,41 +50,61 @@ class Scrape:
 def parse_metrics(text: str) -> Scrape:
     """Sum the families the overview needs over routes and methods (dashboard routes left out)."""
     out = Scrape()
-    for family in text_string_to_metric_families(wanted_lines(text)):
-        if family.name == REQUESTS:
-            for s in family.samples:
-                if not s.name.endswith("_total") or s.labels.get("route") in IGNORED_ROUTES:
-                    continue
-                out.requests += s.value
-                if _status(s.labels.get("status")) >= 500:
-                    out.errors += s.value
-        elif family.name == LATENCY:
-            for s in family.samples:
-                if s.name.endswith("_bucket") and s.labels.get("route") not in IGNORED_ROUTES:
-                    le = float(s.labels["le"])
-                    out.buckets[le] = out.buckets.get(le, 0.0) + s.value
-        elif family.name == CACHE:
-            for s in family.samples:
-                if s.name.endswith("_total"):
-                    key = (s.labels.get("model", ""), s.labels.get("result", ""))
-                    out.cache[key] = out.cache.get(key, 0.0) + s.value
-        elif family.name == PREDICTIONS:
-            for s in family.samples:
-                if s.name.endswith("_total"):
-                    key = (s.labels.get("model", ""), s.labels.get("version", ""))
-                    out.predictions[key] = out.predictions.get(key, 0.0) + s.value
+    for name, labels, value in samples(text):
+        if name == REQUESTS_TOTAL:
+            if labels.get("route") in IGNORED_ROUTES:
+                continue
+            out.requests += value
+            if _status(labels.get("status")) >= 500:
+                out.errors += value
+        elif name == LATENCY_BUCKET:
+            if labels.get("route") not in IGNORED_ROUTES:
+                le = float(labels["le"])
+                out.buckets[le] = out.buckets.get(le, 0.0) + value
+        elif name == CACHE_TOTAL:
+            key = (labels.get("model", ""), labels.get("result", ""))
+            out.cache[key] = out.cache.get(key, 0.0) + value
+        elif name == PREDICTIONS_TOTAL:
+            key = (labels.get("model", ""), labels.get("version", ""))
+            out.predictions[key] = out.predictions.get(key, 0.0) + value
     return out
 
 
-_WANTED = (REQUESTS, LATENCY, CACHE, PREDICTIONS)
-_WANTED_META = tuple(f"# {kind} {name}" for kind in ("HELP", "TYPE") for name in _WANTED)
+REQUESTS_TOTAL, LATENCY_BUCKET = f"{REQUESTS}_total", f"{LATENCY}_bucket"
+CACHE_TOTAL, PREDICTIONS_TOTAL = f"{CACHE}_total", f"{PREDICTIONS}_total"
+_WANTED = (REQUESTS_TOTAL, LATENCY_BUCKET, CACHE_TOTAL, PREDICTIONS_TOTAL)
+_LABEL = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
 
-def wanted_lines(text: str) -> str:
-    """Only the lines of the four families read here: parsing every family of every replica every
-    few seconds was a tenth of the gateway's CPU under load (issue 18 profile); a prefix test is not."""
-    return "".join(line + "\n" for line in text.splitlines()
-                   if line.startswith(_WANTED) or line.startswith(_WANTED_META))
+def samples(text: str):
+    """(name, labels, value) of the sample lines of the four series read here, in Prometheus text
+    format. Only those lines are parsed, with one regex each: prometheus_client's general parser,
+    run over every family of every replica every few seconds, was most of an idle gateway's CPU
+    (issue 18 profile)."""
+    for line in text.splitlines():
+        if not line.startswith(_WANTED):
+            continue
+        brace = line.find("{")
+        if brace == -1:
+            name, _, rest = line.partition(" ")
+            labels = {}
+        else:
+            close = line.rfind("}")
+            name, rest = line[:brace], line[close + 1:]
+            labels = {k: _unescape(v) for k, v in _LABEL.findall(line, brace + 1, close)}
+        if name not in _WANTED:  # a longer name with the same prefix
+            continue
+        try:
+            yield name, labels, float(rest.split()[0])
+        except (IndexError, ValueError):
+            continue
+
+
+def _unescape(value: str) -> str:
+    if "\\" not in value:
+        return value
+    return re.sub(r'\\[\\"n]', lambda m: _UNESCAPE[m.group(0)], value)
 
 
 def _status(value) -> int:

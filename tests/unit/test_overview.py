@@ -12,7 +12,7 @@ from services.gateway.overview import (
     Window,
     parse_metrics,
     quantile,
-    wanted_lines,
+    samples,
 )
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -58,19 +58,29 @@ def test_parse_sums_routes_and_leaves_the_dashboard_out():
     assert s.predictions == {("fraud", "1"): 7, ("fraud", "2"): 4}
 
 
-def test_only_the_families_read_are_parsed_and_the_sums_do_not_change():
+def test_only_the_series_read_are_parsed_and_agree_with_prometheus_clients_parser():
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
-    registry = CollectorRegistry()  # a real exposition around ours: process, other families
+    registry = CollectorRegistry()  # a real exposition around ours: neighbours by prefix, escapes
     Counter("aistack_http_requests_in_flight_like", "a neighbour by prefix", registry=registry).inc()
     Histogram("aistack_model_inference_seconds", "other", registry=registry).observe(0.1)
-    other = generate_latest(registry).decode()
-    ours = exposition(8, 2, [0.004, 0.02, 0.2], hits=3, misses=1, predictions={("1", "false"): 5})
-    mixed = other + ours
-    kept = wanted_lines(mixed)
-    assert "aistack_model_inference_seconds" not in kept and "aistack_http_requests_total" in kept
-    assert parse_metrics(mixed) == parse_metrics(ours)
-    assert parse_metrics(mixed).requests == 10 and parse_metrics(mixed).cache[("fraud", "hit")] == 3
+    requests = Counter("aistack_http_requests", "ours", ["route", "status"], registry=registry)
+    requests.labels('/v1/a"b\\c{x}', "200").inc(4)
+    requests.labels("/admin/overview", "200").inc(9)
+    requests.labels("/v1/b", "503").inc(2)
+    mixed = generate_latest(registry).decode() + exposition(8, 2, [0.004, 0.02, 0.2], hits=3, misses=1,
+                                                            predictions={("1", "false"): 5})
+    names = {name for name, _, _ in samples(mixed)}
+    assert names == {"aistack_http_requests_total", "aistack_http_request_duration_seconds_bucket",
+                     "aistack_orchestrator_cache_requests_total", "aistack_orchestrator_predictions_total"}
+    routes = {labels.get("route") for name, labels, _ in samples(mixed) if name == "aistack_http_requests_total"}
+    reference = {s.labels.get("route") for f in text_string_to_metric_families(mixed)
+                 if f.name == "aistack_http_requests" for s in f.samples if s.name.endswith("_total")}
+    assert routes == reference and '/v1/a"b\\c{x}' in routes
+    s = parse_metrics(mixed)
+    assert s.requests == 8 + 2 + 4 + 2 and s.errors == 2 + 2
+    assert s.cache[("fraud", "hit")] == 3 and s.buckets[float("inf")] == 3
 
 
 def test_quantile_interpolates_inside_the_bucket_like_prometheus():
