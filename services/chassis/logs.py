@@ -7,8 +7,9 @@ message, its arguments, the `extra` fields and the formatted traceback alike.
 
 Subject identifiers (issue 20, docs/privacy.md): logs carry none. Every UUID (user ids, `apikey:<id>`
 principals, in paths like /internal/subjects/<id> or PATCH /admin/users/<id>, plain or
-percent-encoded, and 32-hex ids as a path segment such as /v1/jobs/<id>) becomes `[ID]`, and the query string of a logged URL (entity ids such as
-?ids=C0042) becomes `?[REDACTED]`, so erasure never has to search the logs.
+percent-encoded, and 32-hex ids as a path segment such as /v1/jobs/<id>) becomes `[ID]`, as does
+the value of an `extra` field in ID_KEYS (job and prediction ids); the query string of a logged URL
+(entity ids such as ?ids=C0042) becomes `?[REDACTED]`, so erasure never has to search the logs.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ SECRET_KEYS = frozenset({
     "x_api_key", "authorization", "proxy_authorization", "cookie", "set_cookie", "private_key",
     "introspection_token", "x_internal_token",
 })
+# Fields that name one object of a subject (a batch job, a prediction): their values become [ID]
+# whatever their shape (a job id is 32 hex, a form trace ids share, which stay readable elsewhere).
+ID_KEYS = frozenset({"job", "job_id", "prediction_id"})
 _SECRET_NAMES = (r"(?:new_|old_|current_)?passw(?:or)?d|pwd|(?:client_)?secret|(?:access_|refresh_|id_)?token"
                  r"|api[_-]?key|x-api-key|x-internal-token|(?:proxy-)?authorization|private_key")
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
@@ -114,7 +118,7 @@ class RedactingFilter(logging.Filter):
             for key in [k for k in vars(record) if k not in _RECORD_ATTRS]:
                 value = getattr(record, key)
                 setattr(record, key, REDACTED if _is_secret_key(key) and value is not None
-                        else redact_value(value))
+                        else "[ID]" if key in ID_KEYS and value is not None else redact_value(value))
             if record.exc_info and record.exc_info[0] is not None:
                 record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
                 record.exc_info = None  # formatters re-render exc_info; exc_text is the scrubbed copy

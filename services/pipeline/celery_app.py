@@ -45,8 +45,35 @@ def beat_schedule(settings: PipelineSettings) -> dict:
     return schedule
 
 
+class TaskDataFilter(logging.Filter):
+    """Celery's task lines (received, succeeded, retry, failed) carry the task's arguments and
+    return value, which name jobs (subject data, docs/privacy.md): keep the task's name and id,
+    hide the rest, so erasure never has to search the worker's logs."""
+
+    HIDDEN = ("args", "kwargs", "return_value")
+
+    def _scrub(self, value):
+        if isinstance(value, dict) and any(k in value for k in self.HIDDEN):
+            return {k: "[hidden]" if k in self.HIDDEN else v for k, v in value.items()}
+        return value
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.args = self._scrub(record.args)
+        if hasattr(record, "data"):
+            record.data = self._scrub(record.data)
+        return True
+
+
+def _hide_task_data() -> None:
+    for name in ("celery.app.trace", "celery.worker.strategy", "celery.worker.request"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, TaskDataFilter) for f in logger.filters):
+            logger.addFilter(TaskDataFilter())
+
+
 def create_celery(settings: PipelineSettings) -> Celery:
     broker = settings.require("redis_url")
+    _hide_task_data()
     include = TASK_MODULES + ([FEATURE_TASKS] if _has_feature_tasks() else [])
     app = Celery("aistack", broker=broker, backend=broker, include=include)
     app.conf.update(
@@ -69,6 +96,8 @@ def create_celery(settings: PipelineSettings) -> Celery:
         # Pool children log through our JSON handler on the real stdout (Celery's redirect would
         # swallow them: the handler would write into Celery's logging proxy).
         worker_redirect_stdouts=False,
+        # Batch job tasks store no result (ignore_result, tasks.py): a job's state lives in
+        # Postgres, where erasure finds it; results of the other tasks expire after a day.
         result_expires=86400,
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_track_started=True,

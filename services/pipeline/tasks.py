@@ -106,7 +106,7 @@ def _internal(job_id: str, exc: Exception, chunk: int | None = None) -> dict:
             "message": "the pipeline could not process this job; the operators have the details in the logs"}
 
 
-@shared_task(name="pipeline.prepare_job", bind=True, max_retries=None)
+@shared_task(name="pipeline.prepare_job", bind=True, max_retries=None, ignore_result=True)
 def prepare_job(self, job_id: str) -> dict:
     """Resolve the model version, split the input into typed chunks, queue one task per chunk."""
     settings = _settings()
@@ -169,7 +169,7 @@ class Heartbeat:
         self.thread.join(5)
 
 
-@shared_task(name="pipeline.score_chunk", bind=True, max_retries=None)
+@shared_task(name="pipeline.score_chunk", bind=True, max_retries=None, ignore_result=True)
 def score_chunk(self, job_id: str, idx: int) -> dict:
     """Score one chunk into its own part under a lease, count it, and finish the job if it was the
     last (one transaction)."""
