@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 log = logging.getLogger("aistack.http")
+KEEPALIVE_EXPIRY_S = 4.0  # below uvicorn's default timeout_keep_alive (5 s), which every service uses
 
 
 def http_client(base_url: str = "", timeout: float = 10.0, max_connections: int = 200) -> httpx.AsyncClient:
@@ -22,11 +23,15 @@ def http_client(base_url: str = "", timeout: float = 10.0, max_connections: int 
     extra CAs, e.g. the stack's own development CA); SSL_CERT_FILE / SSL_CERT_DIR replace the
     public roots altogether, as in every OpenSSL client.
     """
+    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them from the
+    # other side: at equal timeouts a request can take a connection the peer is closing (a 502).
+    # The limits go to the transport: httpx ignores the client's `limits` when given a transport.
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
     return httpx.AsyncClient(
         base_url=base_url,
         timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        transport=StaleConnectionRetry(retries=2, verify=tls_client_context()),
+        transport=StaleConnectionRetry(retries=2, verify=tls_client_context(), limits=limits),
     )
 
 
