@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from services.chassis.internal import require_internal
 
 from .api import _V2_ERROR, v2_error
+from .client import is_valid_name
 from .deps import Plane
 from .service import DataPlane, V2Error
 
@@ -70,6 +71,10 @@ def _upload(parameters: dict) -> tuple[dict | None, dict[str, bytes]]:
 def _version_paths(config: dict | None, files: dict[str, bytes]) -> dict[str, bytes]:
     """Triton's clients name files `<version>/<file>`: that version becomes the config's (one
     version per load); a plain `<file>` belongs to the config's version, or to the next number."""
+    for path in files:
+        version, _, artifact = path.rpartition("/")
+        if (version and not version.isdigit()) or not is_valid_name(artifact):
+            raise V2Error(400, f"artifact name {path[:80]!r} is not a plain file name (or <version>/<file>)")
     versions = {path.split("/", 1)[0] for path in files if "/" in path}
     if not versions:
         return files

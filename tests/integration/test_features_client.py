@@ -84,13 +84,10 @@ def test_the_contract_imports_no_heavy_dependency():
 
 
 async def test_the_pipeline_materialises_through_the_contract(database_url, redis_url):
-    from types import SimpleNamespace
-
-    from celery import current_app
-
     from services.features.app import create_app
     from services.features.settings import FeaturesSettings
-    from services.pipeline.tasks_features import materialize_features
+    from services.pipeline.celery_app import create_celery
+    from services.pipeline.settings import PipelineSettings
 
     settings = FeaturesSettings(database_url=database_url, redis_url=redis_url, seed_demo=False,
                                 freshness_interval_s=0, redis_prefix="features:ttask:")
@@ -98,10 +95,18 @@ async def test_the_pipeline_materialises_through_the_contract(database_url, redi
         async with httpx.AsyncClient(base_url=served.url) as http:
             _, view = await make_view(http, ttl_seconds=0)
             await push(http, view, [{"user_id": "u1", "event_time": iso(T0), "n": 3, "score": 1.5}], to="offline")
-        current_app.conf.aistack_settings = SimpleNamespace(features_url=served.url, http_timeout_s=5.0)
+        # The pipeline's own Celery app, current in the thread that runs the task (other tests make
+        # other apps current, and Celery's current app is per thread).
+        app = create_celery(PipelineSettings(redis_url=redis_url, features_url=served.url, http_timeout_s=5.0))
+        app.loader.import_default_modules()  # what a worker does at start: registers the tasks
+
+        def run(views):
+            app.set_current()
+            return app.tasks["pipeline.materialize_features"].apply(kwargs={"views": views})
+
         import asyncio
 
-        ok = await asyncio.to_thread(lambda: materialize_features.apply(kwargs={"views": [view]}).get())
-        bad = await asyncio.to_thread(lambda: materialize_features.apply(kwargs={"views": ["nope"]}))
+        ok = (await asyncio.to_thread(run, [view])).get()
+        bad = await asyncio.to_thread(run, ["nope"])
     assert ok["results"][0]["view"] == view and ok["results"][0]["written"] == 1
     assert isinstance(bad.result, FeatureStoreError) and not bad.result.retryable

@@ -56,22 +56,20 @@ def _labelled(database_url, n=1500):
     run_with_engine(database_url, insert)
 
 
-def test_the_train_task_registers_through_the_model_servers_api(database_url, served_model):
-    from celery import current_app
-
-    from services.pipeline.tasks_training import train
+def test_the_train_task_registers_through_the_model_servers_api(database_url, redis_url, served_model):
+    from services.pipeline.celery_app import create_celery
 
     served, repo = served_model
     _labelled(database_url)
-    settings = PipelineSettings(database_url=database_url, model_url=served.url, internal_token="t0ken",
+    settings = PipelineSettings(database_url=database_url, redis_url=redis_url, model_url=served.url,
+                                internal_token="t0ken",
                                 # No row carries the join key: the feature store is never asked.
                                 features_url="http://127.0.0.1:9")
-    before = getattr(current_app.conf, "aistack_settings", None)
-    current_app.conf.aistack_settings = settings
-    try:
-        report = train.apply(kwargs={"model": MODEL, "force": True}).get()
-    finally:
-        current_app.conf.aistack_settings = before
+    # The pipeline's own Celery app, current here: other tests make other apps current.
+    app = create_celery(settings)
+    app.loader.import_default_modules()  # what a worker does at start: registers the tasks
+    app.set_current()
+    report = app.tasks["pipeline.train"].apply(kwargs={"model": MODEL, "force": True}).get()
     assert report["status"] == "registered", report
     assert report["version"] == "3" and report["current_version"] == "2" and report["state"] == "READY"
     assert report["source"]["labelled_predictions"] == 1500 and report["validation"]["ok"]
