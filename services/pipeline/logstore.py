@@ -6,20 +6,18 @@ its pending entries first) stores them. Redelivery is harmless: primary keys + O
 """
 from __future__ import annotations
 
-import json
 import logging
-from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.orchestrator.contract import FEEDBACK_STREAM, PREDICTION_STREAM, FeedbackEntry, PredictionEntry
+
 from .tables import feedback, predictions
 
 log = logging.getLogger("aistack.pipeline.logstore")
 
-PREDICTION_STREAM = "orchestrator:predictions"
-FEEDBACK_STREAM = "orchestrator:feedback"
 CONSUMER = "persister"
 
 
@@ -36,45 +34,21 @@ def _insert_feedback():
         set_={"label": stmt.excluded.label, "time": stmt.excluded.time, "stream_id": stmt.excluded.stream_id},
         where=feedback.c.time <= stmt.excluded.time)
 
-def _s(fields: dict, key: str, default: str | None = None) -> str | None:
-    v = fields.get(key.encode(), fields.get(key))
-    if v is None:
-        return default
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _time(value: str | None) -> datetime:
-    return datetime.fromtimestamp(float(value or 0), tz=UTC)
-
-
 def prediction_rows(stream_id: str, fields: dict) -> list[dict]:
-    """One row per predicted input row: inputs[i] with outputs[i]."""
-    inputs = json.loads(_s(fields, "inputs", "[]"))
-    outputs = json.loads(_s(fields, "outputs", "[]"))
-    if isinstance(inputs, dict):
-        inputs = [inputs]
-    if isinstance(outputs, dict):
-        outputs = [outputs]
-    common = {"prediction_id": _s(fields, "id"), "time": _time(_s(fields, "time")),
-              "principal": _s(fields, "principal"), "model": _s(fields, "model"),
-              "version": _s(fields, "version"), "input_hash": _s(fields, "input_hash"),
-              "latency_ms": float(_s(fields, "latency_ms", "0") or 0),
-              "cached": _s(fields, "cached", "0") in ("1", "true", "True"), "stream_id": stream_id}
-    if not common["prediction_id"] or not common["model"]:
-        raise ValueError("prediction entry without id or model")
-    n = max(len(inputs), len(outputs))
-    return [{**common, "row": i, "inputs": inputs[i] if i < len(inputs) else None,
-             "outputs": outputs[i] if i < len(outputs) else None} for i in range(n)]
+    """One row per predicted input row: inputs[i] with outputs[i] (the entry as the contract reads it)."""
+    e = PredictionEntry.from_fields(fields)
+    common = {"prediction_id": e.id, "time": e.when, "principal": e.principal, "model": e.model,
+              "version": e.version, "input_hash": e.input_hash, "latency_ms": e.latency_ms,
+              "cached": e.cached, "stream_id": stream_id}
+    n = max(len(e.inputs), len(e.outputs))
+    return [{**common, "row": i, "inputs": e.inputs[i] if i < len(e.inputs) else None,
+             "outputs": e.outputs[i] if i < len(e.outputs) else None} for i in range(n)]
 
 
 def feedback_row(stream_id: str, fields: dict) -> dict:
-    row = {"prediction_id": _s(fields, "prediction_id"), "row": int(_s(fields, "row", "0")),
-           "label": _s(fields, "label"), "principal": _s(fields, "principal"), "model": _s(fields, "model"),
-           "version": _s(fields, "version"), "time": _time(_s(fields, "time")), "stream_id": stream_id}
-    if not row["prediction_id"] or row["label"] is None:
-        raise ValueError("feedback entry without prediction_id or label")
-    row["label"] = json.loads(row["label"])
-    return row
+    e = FeedbackEntry.from_fields(fields)
+    return {"prediction_id": e.prediction_id, "row": e.row, "label": e.label, "principal": e.principal,
+            "model": e.model, "version": e.version, "time": e.when, "stream_id": stream_id}
 
 
 async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
