@@ -10,14 +10,14 @@ from pathlib import Path
 
 from services.demo import synthetic
 from services.demo.recipes import SEED, fraud_estimator
+from services.features.client import DEMO_ENTITY, DEMO_JOIN_KEY, DEMO_VIEW
 
 from .client import FeatureBinding
 from .repository import MANIFEST, Manifest, TensorSpec, write_baseline, write_manifest
 
 log = logging.getLogger("aistack.model.build")
 # The fraud model's entity features come from the feature store's customer_transactions view.
-FRAUD_BINDING = FeatureBinding("customer", "customer_transactions", "customer_id",
-                               tuple(synthetic.REQUEST_FEATURES))
+FRAUD_BINDING = FeatureBinding(DEMO_ENTITY, DEMO_VIEW, DEMO_JOIN_KEY, tuple(synthetic.REQUEST_FEATURES))
 
 
 def build_fraud(version_dir: Path, version: str) -> Manifest:
