@@ -96,17 +96,26 @@ def _with_db(url: str, name: str) -> str:
     return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
+@contextmanager
+def migrated_database(server_url: str, label: str = "test"):
+    """A fresh database with every schema migrated to head, dropped after."""
+    from services.chassis.migrate import upgrade_all
+
+    name = f"aistack_{label}_{os.getpid()}_{secrets.token_hex(3)}"
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    url = _with_db(server_url, name)
+    try:
+        upgrade_all(url)
+        yield url
+    finally:
+        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(scope="session")
 def database_url(postgres_server_url):
     """A fresh database for this test run, migrated to head, dropped at the end."""
-    from services.chassis.migrate import upgrade_all
-
-    name = f"aistack_test_{os.getpid()}_{secrets.token_hex(3)}"
-    asyncio.run(_admin(postgres_server_url, f'CREATE DATABASE "{name}"'))
-    url = _with_db(postgres_server_url, name)
-    upgrade_all(url)
-    yield url
-    asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with migrated_database(postgres_server_url) as url:
+        yield url
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.demo import synthetic
-from tests.conftest import STACK_ENV, free_port
+from tests.conftest import STACK_ENV, free_port, migrated_database
 from tests.e2e.freeze_proxy import FreezeProxy
 
 pytestmark = pytest.mark.e2e
@@ -76,10 +76,19 @@ class Faults:
 
 
 @pytest.fixture(scope="module")
-def faults(tmp_path_factory, database_url, models_dir):
+def own_database_url(postgres_server_url):
+    """A database of its own: the session stack's reaper would otherwise re-queue this pipeline's
+    expired leases onto its own broker and data dir (two pipelines must not share one database)."""
+    with migrated_database(postgres_server_url, "faults") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory, own_database_url, models_dir):
     from services.chassis.embedded import EmbeddedRedis
     from services.cli.stack import DEFAULT_PORTS, Proc, Stack
 
+    database_url = own_database_url
     root = tmp_path_factory.mktemp("pipeline-faults")
     redis = EmbeddedRedis(root / "redis")
     redis_url = redis.start()

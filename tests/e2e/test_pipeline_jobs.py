@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.demo import synthetic
-from tests.conftest import STACK_ENV, claimed_redis_db, free_port
+from tests.conftest import STACK_ENV, claimed_redis_db, free_port, migrated_database
 
 pytestmark = pytest.mark.e2e
 
@@ -121,14 +121,21 @@ def own_broker(redis_server_url):
 
 
 @pytest.fixture()
-def pipeline_only(stack, own_broker, tmp_path):
-    """The pipeline app and a worker as processes (Stack's own machinery), on their own broker,
-    scoring on the stack's model server."""
+def own_database_url(postgres_server_url):
+    """A database of its own: the stack's reaper must not re-queue our chunks onto its broker."""
+    with migrated_database(postgres_server_url, "jobs") as url:
+        yield url
+
+
+@pytest.fixture()
+def pipeline_only(stack, own_broker, own_database_url, tmp_path):
+    """The pipeline app and a worker as processes (Stack's own machinery), on their own broker and
+    database, scoring on the stack's model server."""
     from services.cli.stack import Stack
 
     ports = {**stack.ports, "pipeline": free_port()}
     (tmp_path / "models").symlink_to(stack.models_dir)
-    s = Stack(tmp_path, database_url=stack.database_url, redis_url=own_broker, ports=ports,
+    s = Stack(tmp_path, database_url=own_database_url, redis_url=own_broker, ports=ports,
               extra_env={**STACK_ENV, "PIPELINE_VISIBILITY_TIMEOUT_S": "5", "PIPELINE_WORKER_CONCURRENCY": "2",
                          "PIPELINE_WORKER_METRICS_PORT": str(free_port())})
     plan = {p.name: p for p in s._plan()}
