@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -36,9 +36,10 @@ def create_app(settings: FeaturesSettings | None = None) -> FastAPI:
             try:
                 yield
             finally:
+                # Bounded: a refresh stuck in a client call that swallows the cancellation must not
+                # hold the shutdown (the connections are closed next, which ends it).
                 task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
+                await asyncio.wait({task}, timeout=5)
 
     app = create_service_app(settings, title="aistack feature store",
                              description="Feature registry, online store (Redis), offline store (Postgres), "
