@@ -40,8 +40,11 @@ _NO_RESPONSE = "without sending a response"  # httpcore's message when the peer 
 
 def peer_closed_before_response(exc: Exception) -> bool:
     """True when the peer closed the connection before sending any response byte: nothing was
-    processed (a keep-alive connection it had just closed, e.g. after an error or an idle timeout)."""
-    return isinstance(exc, httpx.RemoteProtocolError) and _NO_RESPONSE in str(exc)
+    processed (a keep-alive connection it had just closed, e.g. after an error, an idle timeout or
+    at the start of its graceful shutdown). A write that failed means the request never fully
+    arrived, so the peer cannot have acted on it either."""
+    return (isinstance(exc, httpx.RemoteProtocolError) and _NO_RESPONSE in str(exc)) or isinstance(
+        exc, httpx.WriteError)
 
 
 class StaleConnectionRetry(httpx.AsyncHTTPTransport):
@@ -52,7 +55,7 @@ class StaleConnectionRetry(httpx.AsyncHTTPTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
             return await super().handle_async_request(request)
-        except httpx.RemoteProtocolError as exc:
+        except (httpx.RemoteProtocolError, httpx.WriteError) as exc:
             if not peer_closed_before_response(exc) or not isinstance(request.stream, httpx.ByteStream):
                 raise
             log.info("%s %s: connection closed by the peer before a response; sending once more",

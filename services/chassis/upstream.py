@@ -150,6 +150,7 @@ class Proxy:
                 # go to another replica.
                 if (idempotent or peer_closed_before_response(exc)) and not last:
                     continue
+                log.warning("%s broke the connection: %s %s", self.pool.name, type(exc).__name__, exc)
                 raise UpstreamError(502, "bad_gateway", f"{self.pool.name} broke the connection") from None
             finally:
                 replica.outstanding -= 1
