@@ -52,11 +52,12 @@ def up(
                "-H 'content-type: application/json' -d '{\"inputs\": {\"customer_id\": \"C0042\", \"amount\": 250}}'\n"
                f"dashboard: {gw}/admin/\nCtrl-C to stop.")
     try:
+        # A process that crashes is restarted by the stack (Stack.supervise, like compose's
+        # restart policy); one that exits cleanly or is killed by a signal stops the stack.
         while not stop.is_set():
-            for proc in stack.procs:
-                if proc.popen.poll() is not None:
-                    typer.echo(f"{proc.name} exited with {proc.popen.returncode}; stopping.\n{proc.tail()}", err=True)
-                    stop.set()
+            for proc in stack.down_for_good():
+                typer.echo(f"{proc.name} exited with {proc.popen.returncode}; stopping.\n{proc.tail()}", err=True)
+                stop.set()
             stop.wait(1.0)
     finally:
         typer.echo("stopping ...")

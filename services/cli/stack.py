@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,10 @@ class Stack:
     # random password, printed once by start(). Auth uses it only while no admin exists.
     admin_email: str | None = None
     admin_password: str | None = None
+    # Restart on failure (supervise()): name -> (restarts so far, monotonic time of the next start).
+    _restarts: dict = field(default_factory=dict)
+    _supervisor: threading.Thread | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def url(self, service: str) -> str:
         return f"http://{self.host}:{self.ports[service]}"
@@ -130,6 +135,7 @@ class Stack:
             self.stop()
             raise
         self._lock.write(self.describe())
+        self._supervise_in_background()
         if generated:
             print(f"development admin: {self.admin_email}  password: {self.admin_password}\n"
                   "(shown once; valid only if the database had no admin yet)", flush=True)
@@ -257,14 +263,64 @@ class Stack:
         for proc in procs:
             self._spawn(proc)
         self._wait_ready(ready_timeout)
+        self._supervise_in_background()
 
     def _spawn(self, proc: Proc) -> None:
+        self._popen(proc)
+        self.procs.append(proc)
+
+    @staticmethod
+    def _popen(proc: Proc) -> None:
         log = proc.log_path.open("ab")
         # Own session: a Ctrl-C in the terminal reaches us, and we stop children in order.
         proc.popen = subprocess.Popen(proc.argv, env=proc.env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         log.close()
-        self.procs.append(proc)
+
+    # -- supervision ------------------------------------------------------------------------
+    RESTART_BACKOFF_MAX_S = 30.0
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """compose's `restart: on-failure` for local processes: one that exited by itself with an
+        error (a crash, a library's "unrecoverable error") starts again after 1, 2, 4 ... 30 s. One
+        that exited cleanly or was killed by a signal (someone meant it) stays down. Returns a line
+        per restart."""
+        now = time.monotonic() if now is None else now
+        lines = []
+        for proc in list(self.procs):
+            code = proc.popen.poll() if proc.popen is not None else None
+            if code is None or code <= 0 or self._stopping.is_set():
+                continue
+            count, due = self._restarts.get(proc.name, (0, None))
+            if due is None:
+                self._restarts[proc.name] = (count, now + min(2.0 ** count, self.RESTART_BACKOFF_MAX_S))
+                continue
+            if now < due:
+                continue
+            line = f"aistack: {proc.name} exited with {code}; restarting it (restart {count + 1})"
+            with proc.log_path.open("a") as log:
+                log.write(line + "\n")
+            self._popen(proc)
+            self._restarts[proc.name] = (count + 1, None)
+            lines.append(line)
+        return lines
+
+    def down_for_good(self) -> list[Proc]:
+        """Processes that exited and that supervise() will not restart."""
+        return [p for p in self.procs if p.popen is not None and (code := p.popen.poll()) is not None and code <= 0]
+
+    def _supervise_in_background(self) -> None:
+        if self._supervisor is not None:
+            return
+        self._stopping.clear()
+
+        def run():
+            while not self._stopping.wait(0.5):
+                for line in self.supervise():
+                    print(line, file=sys.stderr, flush=True)
+
+        self._supervisor = threading.Thread(target=run, daemon=True, name="aistack-supervisor")
+        self._supervisor.start()
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -287,6 +343,10 @@ class Stack:
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM every process group, wait, then SIGKILL what is left; then the datastores."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(5)
+            self._supervisor = None
         for proc in reversed(self.procs):
             _signal_group(proc.popen, signal.SIGTERM)
         deadline = time.monotonic() + grace

@@ -30,6 +30,11 @@ if __name__ == "__main__":
             celery.start(["beat", "--loglevel", settings.log_level, "-s", str(schedule), *sys.argv[2:]])
         else:
             worker_metrics.connect_signals()
+            from celery.signals import worker_ready
+
+            from . import watchdog
+
+            worker_ready.connect(lambda **_: watchdog.start(settings), weak=False)
             worker_metrics.start_server(settings.worker_metrics_port, settings.redis_url)
             extra = sys.argv[2:]
             if "--beat" in extra:

@@ -17,6 +17,9 @@ class PipelineSettings(ServiceSettings):
     visibility_timeout_s: int = 3600
     worker_metrics_port: int = 9101  # 0: no metrics server in the worker
     recovery_sweep: bool = True
+    # A worker whose queue holds messages for this long while it receives none and runs nothing
+    # restarts itself (watchdog.py: Celery's Redis consumer can stall after a reconnect). 0: off.
+    stall_restart_s: float = 60.0
     # Batch inference: inputs, chunk parts and results live here; server-side paths must be inside.
     data_dir: str = "var/pipeline"
     chunk_rows: int = 50_000

@@ -198,8 +198,9 @@ def predict(chaos: Chaos, row: dict) -> httpx.Response:
     return httpx.post(f"{chaos.gateway}/v1/predict/fraud", json={"inputs": row}, headers=chaos.headers, timeout=60)
 
 
-def eventually(check, what: str, timeout: float = 90):
-    """Poll check() until it returns something truthy (bounded; recovery, not speed, is tested)."""
+def eventually(check, what: str, timeout: float = 90, diagnose=None):
+    """Poll check() until it returns something truthy (bounded; recovery, not speed, is tested);
+    on failure, diagnose() (e.g. a log's tail) joins the message."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -210,7 +211,7 @@ def eventually(check, what: str, timeout: float = 90):
         except (httpx.HTTPError, OSError) as exc:
             last = exc
         time.sleep(0.5)
-    pytest.fail(f"{what}: not within {timeout:.0f}s (last: {last!r})")
+    pytest.fail(f"{what}: not within {timeout:.0f}s (last: {last!r})" + (f"\n{diagnose()}" if diagnose else ""))
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -353,5 +354,8 @@ def test_postgres_stopped_tokens_and_cache_work_writes_land_after_it_returns(cha
     history = httpx.get(f"{gw}/admin/models/fraud/policy/history", headers=chaos.headers, timeout=30).json()
     assert any(h.get("reason") == policy["reason"] for h in history), history[:3]
     # Nothing lost: every prediction made while Postgres was down reaches the prediction log table.
+    worker = chaos.procs["worker"]
     eventually(lambda: asyncio.run(_stored(chaos.database_url, ids)) == len(ids),
-               "predictions made while Postgres was down persisted", timeout=120)
+               "predictions made while Postgres was down persisted", timeout=120,
+               diagnose=lambda: f"stored {asyncio.run(_stored(chaos.database_url, ids))} of {len(ids)}; worker "
+                                f"exit code {worker.popen.poll()}; its log:\n{worker.tail(40)}")

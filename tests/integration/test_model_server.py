@@ -186,6 +186,26 @@ async def test_binary_tensor_extension_as_triton_clients_send_it(client):
     assert r.status_code == 400 and "error" in r.json()
 
 
+async def test_the_model_client_speaks_binary_tensors_with_the_same_answer_as_json(client):
+    """What batch jobs send: numpy columns as bytes in, typed views out; float64 columns are cast
+    to the model's FP32 and lists work too."""
+    from services.model.client import AsyncModelClient, decode_columns, encode_columns
+
+    models = AsyncModelClient.over(client)
+    meta = await models.metadata("fraud", "2")
+    rng = np.random.default_rng(7)
+    columns = {f: rng.uniform(1, 100, 50) for f in FRAUD_FEATURES}
+    columns[FRAUD_FEATURES[0]] = columns[FRAUD_FEATURES[0]].tolist()
+    body = encode_columns(meta, columns, 50)
+    as_json = await models.infer("fraud", "2", body)
+    as_bytes = await models.infer("fraud", "2", body, binary=True)
+    json_cols, byte_cols = decode_columns(as_json), decode_columns(as_bytes)
+    assert json_cols.keys() == byte_cols.keys() and json_cols
+    for name, values in json_cols.items():
+        assert isinstance(byte_cols[name], memoryview)
+        assert np.allclose(np.asarray(byte_cols[name]), np.asarray(values)), name
+
+
 async def test_concurrent_requests_are_batched(client):
     plane = client.app.state.plane
     batcher = plane.resolve("fraud", "2").batcher
