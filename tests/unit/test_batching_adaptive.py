@@ -125,3 +125,21 @@ async def test_a_caller_cancelled_inside_a_running_shared_batch_leaves_its_neigh
         await trio[1]
     assert gate.passes == [1, 3] and batcher.stats.failed == 0
     await batcher.close()
+
+
+async def test_concurrent_requests_to_an_idle_inline_model_share_one_pass():
+    """A burst that reaches an idle batcher of an inline model together is one pass, not one each
+    (an inline pass blocks the loop, so without the gather no request ever queued behind it)."""
+    batcher = Batcher(cheap, max_batch_size=64, max_queue_delay_s=0.002, inline_max_s=0.002)
+    for i in range(12):  # measured cheap: inline from here on
+        await batcher.submit(one(i))
+    assert batcher.runs_inline
+    before = batcher.stats.forward_passes
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(one(100 + i)) for i in range(16))), 30)
+    assert [out["y"].tolist() for out, _ in results] == [[2.0 * (100 + i)] for i in range(16)]
+    assert batcher.stats.forward_passes - before == 1 and batcher.stats.max_batch_rows == 16
+    # A lone caller still gets its pass at once, on the loop, counted as a bypass.
+    bypassed = batcher.stats.bypassed
+    out, timing = await batcher.submit(one(7.0))
+    assert out["y"].tolist() == [14.0] and batcher.stats.bypassed == bypassed + 1 and timing.batch_rows == 1
+    await batcher.close()
