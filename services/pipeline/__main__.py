@@ -39,7 +39,26 @@ if __name__ == "__main__":
             extra = sys.argv[2:]
             if "--beat" in extra:
                 extra = [a for a in extra if a != "--beat"] + ["-B", "-s", str(schedule)]
-            celery.worker_main(["worker", "--loglevel", settings.log_level,
-                                "--concurrency", str(settings.worker_concurrency), "-E", *extra])
+            from celery.signals import worker_shutting_down
+
+            # Celery ends a worker whose consumer hit an "Unrecoverable error" (kombu 5.7 does on a
+            # Redis drop with a message unacknowledged) with exit code 0, as if asked to stop, so
+            # no restart policy would bring it back. A stop nobody asked for exits 1 instead.
+            asked = []
+            worker_shutting_down.connect(lambda **kw: asked.append(kw.get("sig")), weak=False)
+            code = 0
+            try:
+                celery.worker_main(["worker", "--loglevel", settings.log_level,
+                                    "--concurrency", str(settings.worker_concurrency), "-E", *extra])
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if not asked and code == 0:
+                import logging
+
+                logging.getLogger("aistack.pipeline").error(
+                    "the worker stopped without being asked to (see the error above); exiting 1 so that "
+                    "it is restarted")
+                code = 1
+            sys.exit(code)
     else:
         run(lambda: create_app(settings), settings)

@@ -62,3 +62,38 @@ def test_a_worker_that_takes_nothing_from_a_waiting_queue_restarts_itself(tmp_pa
         except subprocess.TimeoutExpired:
             proc.kill()
         client.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_stops_unasked_exits_1_and_one_told_to_stop_exits_0(tmp_path, private_redis_url):
+    """Celery ends a worker after an "Unrecoverable error" with exit code 0 (seen in CI: kombu 5.7
+    crashed restoring unacked messages when Redis dropped), so no restart policy brought it back.
+    A stop without a signal (here a remote-control shutdown, the same path) now exits 1; SIGTERM 0."""
+    from services.pipeline.celery_app import create_celery
+    from services.pipeline.settings import PipelineSettings
+
+    env = {**os.environ, "REDIS_URL": private_redis_url, "DATABASE_URL": "", "PIPELINE_DATA_DIR": str(tmp_path),
+           "PIPELINE_STALL_RESTART_S": "0", "PIPELINE_WORKER_METRICS_PORT": "0",
+           "PIPELINE_RECOVERY_SWEEP": "false", "PIPELINE_WORKER_CONCURRENCY": "1"}
+    app = create_celery(PipelineSettings(redis_url=private_redis_url))
+    for how in ("unasked", "sigterm"):
+        log_path = tmp_path / f"{how}.log"
+        with log_path.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "services.pipeline", "worker"], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)
+        try:
+            poll(lambda: b"ready" in log_path.read_bytes(), "the worker ready", timeout=60)
+            if how == "unasked":
+                app.control.shutdown()
+            else:
+                proc.terminate()
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        text = log_path.read_text()
+        if how == "unasked":
+            assert code == 1 and "stopped without being asked" in text, text[-2000:]
+        else:
+            assert code == 0 and "stopped without being asked" not in text, text[-2000:]
