@@ -197,11 +197,7 @@ class Batcher:
             item.future.cancel()
             raise
         finally:
-            self._busy = False
-            self._idle.set()
-            if self._pending:
-                self._ensure_worker()
-                self._wakeup.set()
+            self._release()
         return await item.future, item.timing
 
     async def _bypass(self, inputs: Arrays, rows: int) -> tuple[Arrays, Timing]:
@@ -225,11 +221,15 @@ class Batcher:
             timing.compute_s, timing.batch_rows = elapsed, rows
             return outputs, timing
         finally:
-            self._busy = False
-            self._idle.set()
-            if self._pending:
-                self._ensure_worker()
-                self._wakeup.set()
+            self._release()
+
+    def _release(self) -> None:
+        """A pass outside the worker ended: hand what queued behind it to the worker."""
+        self._busy = False
+        self._idle.set()
+        if self._pending:
+            self._ensure_worker()
+            self._wakeup.set()
 
     async def _run_pass(self, inputs: Arrays) -> Arrays:
         if self.runs_inline:
