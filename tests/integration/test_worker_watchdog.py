@@ -50,7 +50,7 @@ def test_a_worker_that_takes_nothing_from_a_waiting_queue_restarts_itself(tmp_pa
     try:
         poll(lambda: b"ready" in log_path.read_bytes(), "the worker ready", timeout=60)
         client.lpush(queue_keys(QUEUE, KEY_PREFIX)[0], b"{}")  # a message nobody takes
-        restarts = lambda: log_path.read_bytes().count(b"worker stopped consuming")  # noqa: E731
+        restarts = lambda: log_path.read_bytes().count(b"worker stopped consuming")
         poll(lambda: restarts() >= 2, "the watchdog restarting the worker, twice", timeout=90)
         # Same process (re-executed, not exited): a supervisor sees nothing die.
         assert proc.poll() is None, log_path.read_text()[-3000:]
@@ -84,10 +84,17 @@ def test_a_worker_that_stops_unasked_exits_1_and_one_told_to_stop_exits_0(tmp_pa
         try:
             poll(lambda: b"ready" in log_path.read_bytes(), "the worker ready", timeout=60)
             if how == "unasked":
-                app.control.shutdown()
+                # A broadcast reaches only a subscribed control consumer: repeat until it is heard.
+                def stopped():
+                    app.control.shutdown()
+                    try:
+                        return [proc.wait(2)]
+                    except subprocess.TimeoutExpired:
+                        return None
+                code = poll(stopped, "the worker stopping", timeout=60, every=0)[0]
             else:
                 proc.terminate()
-            code = proc.wait(60)
+                code = proc.wait(60)
         finally:
             if proc.poll() is None:
                 proc.kill()
